@@ -1,0 +1,31 @@
+# Two commands on a fresh clone:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STORE ?= feature_store
+ARTIFACTS ?= artifacts
+
+.PHONY: demo test bench setup clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(STORE)/chaos_manifest.json: | $(VENV)/.installed
+	$(PY) -m latency_forecast.synthetic --output $(STORE) --days 35 --seed 0
+
+demo: $(VENV)/.installed $(STORE)/chaos_manifest.json
+	$(PY) train.py --feature-store-path $(STORE) --output-dir $(ARTIFACTS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(ARTIFACTS) $(STORE)

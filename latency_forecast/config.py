@@ -1,0 +1,250 @@
+"""Every setting and its default, as dataclasses; the scripts build their flags from these fields.
+
+A default lives in exactly one place: a field here, with its help text in ``metadata``. The
+whole configuration travels inside the checkpoint as a plain dict (:func:`to_dict`), so a model
+is always rebuilt with the settings it was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from latency_forecast.errors import UserError
+
+TARGET_COLUMN = "target_latency_p99"
+
+
+def _setting(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class StoreConfig:
+    """Where the telemetry comes from."""
+
+    feature_store_path: str = _setting(
+        "feature_store",
+        "feature store: a Parquet file or a directory of them (hive partitions allowed); "
+        "generate the demo store with `python -m latency_forecast.synthetic`",
+    )
+    start_ts: str | None = _setting(
+        None, "first minute to read, ISO-8601 (UTC unless an offset is given); default: start of the store"
+    )
+    end_ts: str | None = _setting(
+        None, "last minute to read (exclusive), ISO-8601; default: end of the store"
+    )
+
+
+@dataclass
+class DataConfig:
+    """How the telemetry becomes samples."""
+
+    feature_columns: list[str] | None = _setting(
+        None,
+        "comma-separated input features; default: every numeric column except "
+        f"{TARGET_COLUMN} (name {TARGET_COLUMN} to feed the latency's own history)",
+    )
+    sequence_length: int = _setting(16, "minutes of history per window (L)")
+    horizon: int = _setting(5, "minutes ahead to forecast (H): inputs end at t, the target is t+H")
+    latency_threshold: float = _setting(500.0, "p99 latency in ms at or above which a minute is a breach")
+    validation_fraction: float = _setting(0.15, "share of the store's minutes used for validation (after train)")
+    test_fraction: float = _setting(0.15, "share of the store's minutes held out for test (the last ones)")
+    embargo_minutes: int = _setting(
+        0, "gap between train, validation and test; 0 means the minimum, sequence length + horizon"
+    )
+    feature_transform: str = _setting(
+        "log1p",
+        "transform applied to features before standard scaling: log1p (signed, tames heavy-tailed "
+        "counters such as bytes and queue depth) or none",
+        choices=("log1p", "none"),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.sequence_length >= 1, "--sequence-length must be at least 1")
+        _require(self.horizon >= 1, "--horizon must be at least 1")
+        _require(self.latency_threshold > 0, "--latency-threshold must be positive (milliseconds)")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _require(0 < value < 1, f"--{_flag(name)} must be between 0 and 1, got {value}")
+        _require(
+            self.validation_fraction + self.test_fraction < 0.9,
+            "--validation-fraction plus --test-fraction must leave at least 10% of the data for training",
+        )
+        _require(
+            self.embargo_minutes == 0 or self.embargo_minutes >= self.window_minutes,
+            f"--embargo-minutes must be 0 (automatic) or at least sequence length + horizon "
+            f"= {self.window_minutes}, got {self.embargo_minutes}",
+        )
+
+    @property
+    def window_minutes(self) -> int:
+        """Minutes one sample spans: L inputs plus H ahead."""
+        return self.sequence_length + self.horizon
+
+    @property
+    def embargo(self) -> int:
+        return self.embargo_minutes or self.window_minutes
+
+
+@dataclass
+class ModelConfig:
+    """The recurrent forecaster."""
+
+    cell: str = _setting("lstm", "recurrent cell", choices=("lstm", "gru"))
+    hidden_size: int = _setting(64, "units per recurrent layer")
+    num_layers: int = _setting(1, "stacked recurrent layers")
+    dropout: float = _setting(0.1, "dropout between recurrent layers and before the head")
+    service_embedding_dim: int = _setting(
+        8, "size of the learned per-service embedding fed to the head (0 disables it)"
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_size >= 1, "--hidden-size must be at least 1")
+        _require(self.num_layers >= 1, "--num-layers must be at least 1")
+        _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+        _require(self.service_embedding_dim >= 0, "--service-embedding-dim must be 0 or more")
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop."""
+
+    epochs: int = _setting(20, "maximum passes over the training windows")
+    batch_size: int = _setting(256, "windows per optimisation step")
+    learning_rate: float = _setting(2e-3, "Adam learning rate")
+    weight_decay: float = _setting(0.0, "Adam weight decay (L2)")
+    patience: int = _setting(4, "stop after this many epochs without a better validation loss")
+    samples_per_epoch: int = _setting(
+        100_000,
+        "training windows drawn (without replacement) per epoch; 0 uses all. Neighbouring "
+        "minutes are near-duplicates, so a fresh subset each epoch learns as much, faster",
+    )
+    loss: str = _setting(
+        "huber",
+        "regression loss on the per-service standardised log latency: huber (robust to "
+        "one-minute blips, still linear in large spike errors) or mse",
+        choices=("huber", "mse"),
+    )
+    huber_delta: float = _setting(1.0, "Huber transition point, in per-service standard deviations")
+    spike_weight: float = _setting(
+        3.0,
+        "extra loss weight for spike targets (over 3 robust standard deviations above the "
+        "service's median latency); spikes are rare but they are what alerts are about",
+    )
+    device: str = _setting("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
+    num_threads: int = _setting(0, "torch CPU threads; 0 keeps torch's default")
+    seed: int = _setting(0, "seed for weights, shuffling and dropout; CPU runs are reproducible")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            _require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
+        _require(self.learning_rate > 0, "--learning-rate must be positive")
+        _require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
+        _require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")
+        _require(self.huber_delta > 0, "--huber-delta must be positive")
+        _require(self.spike_weight >= 0, "--spike-weight must be 0 or more")
+        _require(self.num_threads >= 0, "--num-threads must be 0 (default) or more")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and how much is printed."""
+
+    output_dir: str = _setting("artifacts", "directory for the checkpoint, metrics and plots")
+    quiet: bool = _setting(False, "no progress bars or per-epoch lines; the summary is still printed")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse from dataclasses
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def _field_type(config_class: type, name: str) -> Any:
+    hint = typing.get_type_hints(config_class)[name]
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return hint
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> argparse.ArgumentParser:
+    """Add one ``--flag`` per field of ``config_class``, with its default, type, choices and help."""
+    group = parser.add_argument_group(config_class.__doc__.strip().rstrip("."))
+    for config_field in dataclasses.fields(config_class):
+        hint = _field_type(config_class, config_field.name)
+        help_text = config_field.metadata["help"]
+        flag = f"--{_flag(config_field.name)}"
+        if hint is bool:
+            group.add_argument(flag, action="store_true", default=config_field.default, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"default": config_field.default, "help": help_text + " (default: %(default)s)"}
+        if typing.get_origin(hint) is list:
+            kwargs["type"] = _comma_list
+            kwargs["metavar"] = "A,B,..."
+        else:
+            kwargs["type"] = hint
+        if "choices" in config_field.metadata:
+            kwargs["choices"] = config_field.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def parent_parser(*config_classes: type) -> argparse.ArgumentParser:
+    """A parser to pass as ``parents=[...]``: the flags of these config classes, nothing else."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for config_class in config_classes:
+        add_arguments(parser, config_class)
+    return parser
+
+
+def from_args(config_class: type, namespace: argparse.Namespace) -> Any:
+    """Build ``config_class`` from the parsed flags (validation errors become UserError)."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)}
+    return config_class(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (safe inside a ``weights_only`` checkpoint and JSON)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config; keys this version does not know are ignored, missing ones take defaults."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{key: value for key, value in values.items() if key in known})
+
+
+def build_parser(prog: str, description: str, parents: Sequence[argparse.ArgumentParser]) -> ArgumentParser:
+    return ArgumentParser(
+        prog=prog,
+        description=description,
+        parents=list(parents),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

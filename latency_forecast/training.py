@@ -1,0 +1,189 @@
+"""Fit and predict loops: batches gathered by index, early stopping, device, seeds, threads.
+
+Windows are gathered per batch from one ``(n_rows, n_features)`` tensor that lives on the
+device, so there is no per-sample DataLoader and no host-to-device copy per batch. Under
+``torchrun`` with a process group initialised, each rank takes its own shard of every epoch's
+shuffled order and the model is wrapped in DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from latency_forecast.config import TrainingConfig
+from latency_forecast.errors import UserError
+
+PREDICT_BATCH_SIZE = 8192
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu or install the CUDA build of torch")
+    return torch.device(name)
+
+
+def configure_threads(num_threads: int) -> None:
+    """Pin torch's CPU threads (0 keeps the default); parallel backtest folds set 1 each."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+@dataclass
+class SeriesTensors:
+    """The whole prepared series on one device; samples are row indices into it.
+
+    inputs : (n_rows, n_features) float32, scaled features
+    target : (n_rows,) float32, standardised log latency (NaN where missing)
+    service_codes : (n_rows,) int64, the model's service index for each row
+    """
+
+    inputs: torch.Tensor
+    target: torch.Tensor
+    service_codes: torch.Tensor
+    sequence_length: int
+    horizon: int
+
+    def batch(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows (batch, sequence_length, n_features), service codes and targets for these ends."""
+        offsets = torch.arange(1 - self.sequence_length, 1, device=ends.device)
+        windows = self.inputs[ends[:, None] + offsets]
+        return windows, self.service_codes[ends], self.target[ends + self.horizon]
+
+
+def gather_windows(inputs: np.ndarray, ends: np.ndarray, sequence_length: int) -> np.ndarray:
+    """(len(ends), sequence_length, n_features) windows ending at ``ends``, from a numpy matrix."""
+    return inputs[ends[:, None] + np.arange(1 - sequence_length, 1)]
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_order(n: int, epoch: int, seed: int, limit: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's shuffled sample positions for one epoch (the same permutation on every rank)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    if limit:
+        order = order[:limit]
+    return order[rank::world_size]
+
+
+SPIKE_Z = 3.0  # a target this many robust standard deviations above its service's median is a spike
+
+
+def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-batch loss; spikes weigh ``1 + spike_weight`` because they are rare and they are the point."""
+
+    def loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if config.loss == "huber":
+            per_sample = F.huber_loss(prediction, target, delta=config.huber_delta, reduction="none")
+        else:
+            per_sample = F.mse_loss(prediction, target, reduction="none")
+        weight = 1.0 + config.spike_weight * (target > SPIKE_Z)
+        return (per_sample * weight).sum() / weight.sum()
+
+    return loss
+
+
+@torch.no_grad()
+def predict(model: nn.Module, series: SeriesTensors, ends: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
+    """Model outputs (standardised log latency) for the samples ending at ``ends``, as float32."""
+    model.eval()
+    device = series.inputs.device
+    ends_tensor = torch.as_tensor(ends, dtype=torch.int64, device=device)
+    outputs = [model(*series.batch(ends_tensor[i : i + batch_size])[:2]) for i in range(0, len(ends), batch_size)]
+    if not outputs:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat(outputs).float().cpu().numpy()
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable) -> float:
+    model.eval()
+    total = torch.zeros((), device=series.inputs.device)
+    for i in range(0, len(ends), PREDICT_BATCH_SIZE):
+        windows, services, target = series.batch(ends[i : i + PREDICT_BATCH_SIZE])
+        total += loss(model(windows, services), target) * len(target)
+    return float(total / max(len(ends), 1))
+
+
+def fit(
+    model: nn.Module,
+    series: SeriesTensors,
+    train_ends: np.ndarray,
+    validation_ends: np.ndarray,
+    config: TrainingConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Adam with early stopping on the validation loss; the best weights are loaded at the end.
+
+    Returns the per-epoch history: ``{"epoch", "train_loss", "val_loss", "seconds"}``.
+    """
+    rank, world_size = _distributed()
+    device = series.inputs.device
+    trainable = model
+    if world_size > 1:
+        trainable = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    loss = _loss_function(config)
+    train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
+    validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
+
+    best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
+    history: list[dict] = []
+    show = progress and rank == 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        trainable.train()
+        order = epoch_order(len(train_ends), epoch, config.seed, config.samples_per_epoch, rank, world_size).to(device)
+        batches = range(0, len(order), config.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if show else True, unit="batch")
+        running = torch.zeros((), device=device)
+        for step, i in enumerate(bar, start=1):
+            windows, services, target = series.batch(train_tensor[order[i : i + config.batch_size]])
+            batch_loss = loss(trainable(windows, services), target)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            running += batch_loss.detach()
+            if show and step % 50 == 0:  # reading the loss syncs the device: not every step
+                bar.set_postfix(loss=f"{float(running) / step:.4f}")
+        train_loss = float(running) / max(len(batches), 1)
+        validation_loss = _mean_loss(model, series, validation_tensor, loss)
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
+        improved = validation_loss < best_loss
+        if improved:
+            best_loss, best_state, stale = validation_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+        if show:
+            log(
+                f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {validation_loss:.4f}  "
+                f"{seconds:5.1f}s{'  *' if improved else ''}"
+            )
+        if not np.isfinite(train_loss):
+            raise UserError("training diverged (loss is not finite); lower --learning-rate")
+        if stale >= config.patience:
+            if show:
+                log(f"early stop: no better validation loss for {config.patience} epochs; keeping epoch {epoch - stale}")
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return history

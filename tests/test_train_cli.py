@@ -1,0 +1,123 @@
+"""train.py end to end through main(argv), and every user error it must turn into exit status 2."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from latency_forecast import artifacts, metrics, pipeline, training
+from tests.conftest import TINY_TRAINING, hand_frame, write_frame
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_store):
+    out = str(tmp_path_factory.mktemp("artifacts"))
+    code = train.main(["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING])
+    assert code == 0
+    return out
+
+
+def test_writes_every_contract_artifact(trained):
+    assert sorted(os.listdir(trained)) == [
+        "config.json",
+        "forecast_vs_actual.png",
+        "latency_forecaster.pt",
+        "loss_curve.png",
+        "metrics.json",
+        "scaler.pt",
+        "training_history.json",
+    ]
+    report = json.loads(open(f"{trained}/metrics.json").read())
+    for section in (report["validation"], report["test"], *report["baseline"]["persistence"].values()):
+        assert tuple(section) == metrics.METRIC_KEYS
+    assert report["test"]["n_samples"] == report["baseline"]["persistence"]["test"]["n_samples"] > 0
+    assert set(report["per_service"]["test"]) <= set(report["data"]["services"])
+    history = json.loads(open(f"{trained}/training_history.json").read())
+    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+
+
+def test_checkpoint_round_trip_with_weights_only(trained, tiny_store):
+    checkpoint = torch.load(f"{trained}/latency_forecaster.pt", map_location="cpu", weights_only=True)
+    scaler = torch.load(f"{trained}/scaler.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["format_version"] == artifacts.FORMAT_VERSION
+    assert checkpoint["config"]["model"]["hidden_size"] == 8
+    assert scaler["feature_columns"] == checkpoint["feature_columns"]
+    forecaster = pipeline.Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
+    from latency_forecast import data
+
+    table = data.load_feature_store(tiny_store, forecaster.feature_columns)
+    prepared = pipeline.prepare(table, forecaster)
+    forecast = pipeline.forecast_ms(forecaster, prepared, prepared.ends[:100])
+    assert forecast.shape == (100,) and np.isfinite(forecast).all() and (forecast >= 0).all()
+    # the rebuilt model reproduces the saved metrics exactly
+    report = json.loads(open(f"{trained}/metrics.json").read())
+    splits = report["data"]["splits"]["test"]
+    test_range = data.TimeRange(data.to_minute(data.parse_timestamp(splits["start"], "")), data.to_minute(data.parse_timestamp(splits["end"], "")))
+    settings = forecaster.data_config
+    ends = data.samples_in(prepared.ends, table, test_range, settings.sequence_length, settings.horizon)
+    assert pipeline.evaluate(forecaster, prepared, ends).model_metrics == pytest.approx(report["test"])
+
+
+def test_seed_example_command_runs(tiny_store, tmp_path, capsys):
+    argv = [
+        "--feature-store-path", tiny_store, "--feature-columns", "cpu_rolling_avg,path_depth,fan_out",
+        "--sequence-length", "8", "--latency-threshold", "500", "--epochs", "1", "--output-dir", str(tmp_path),
+        "--hidden-size", "8", "--num-layers", "2", "--dropout", "0.1", "--device", "cpu", "--samples-per-epoch", "1000",
+        "--cell", "gru", "--quiet",
+    ]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "artifacts written to" in out and "persistence" in out
+    checkpoint = torch.load(tmp_path / "latency_forecaster.pt", weights_only=True)
+    assert checkpoint["feature_columns"] == ["cpu_rolling_avg", "path_depth", "fan_out"]
+    assert checkpoint["config"]["model"]["cell"] == "gru"
+
+
+def _one_line_error(capsys, argv, message):
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--feature-columns", "cpu_rolling_avg,nope"], "unknown feature column 'nope'"),
+        (["--start-ts", "2024-05-03", "--end-ts", "2024-05-02"], "is not before end"),
+        (["--start-ts", "2031-01-01"], "has no rows"),
+        (["--sequence-length", "3000"], "too little data"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"], "--"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, tiny_store, tmp_path, extra, message):
+    _one_line_error(capsys, ["--feature-store-path", tiny_store, "--output-dir", str(tmp_path), *TINY_TRAINING, *extra], message)
+
+
+def test_bad_stores_exit_2(capsys, tmp_path):
+    _one_line_error(capsys, ["--feature-store-path", str(tmp_path / "absent")], "does not exist")
+    frame = hand_frame(features=("cpu",))
+    frame["zone"] = "a"
+    path = write_frame(frame, tmp_path / "s.parquet")
+    _one_line_error(capsys, ["--feature-store-path", path, "--feature-columns", "zone"], "not numeric")
+    _one_line_error(capsys, ["--feature-store-path", write_frame(frame.drop(columns="service"), tmp_path / "n.parquet")], "no 'service' column")
+
+
+def test_failed_run_keeps_earlier_artifacts(tiny_store, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    argv = ["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING]
+    assert train.main(argv) == 0
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.plots, "forecast_vs_actual", crash)  # dies after the checkpoint is staged
+    assert train.main([*argv, "--seed", "9"]) == 130
+    after = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    assert after == before
