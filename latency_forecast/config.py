@@ -119,6 +119,8 @@ class TrainingConfig:
     learning_rate: float = _setting(2e-3, "Adam learning rate")
     weight_decay: float = _setting(0.0, "Adam weight decay (L2)")
     patience: int = _setting(4, "stop after this many epochs without a better validation loss")
+    lr_patience: int = _setting(1, "halve the learning rate after this many epochs without a better validation loss")
+    gradient_clip: float = _setting(1.0, "clip the gradient norm to this (0 disables); keeps spike batches from derailing the LSTM")
     samples_per_epoch: int = _setting(
         100_000,
         "training windows drawn (without replacement) per epoch; 0 uses all. Neighbouring "
@@ -147,6 +149,8 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
         _require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")
         _require(self.huber_delta > 0, "--huber-delta must be positive")
+        _require(self.lr_patience >= 0, "--lr-patience must be 0 or more")
+        _require(self.gradient_clip >= 0, "--gradient-clip must be 0 (off) or more")
         _require(self.spike_weight >= 0, "--spike-weight must be 0 or more")
         _require(self.num_threads >= 0, "--num-threads must be 0 (default) or more")
 

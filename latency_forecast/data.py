@@ -497,6 +497,8 @@ class TargetNormalizer:
 
     location: np.ndarray  # (n_services,) float64
     scale: np.ndarray  # (n_services,) float64
+    pooled: tuple[float, float] = (0.0, 1.0)  # location and scale over all services
+    ceiling: float = 30.0  # largest log1p(latency) seen in training: forecasts never exceed it
 
     @classmethod
     def fit(cls, table: SeriesTable, rows: np.ndarray, min_rows: int = 30) -> "TargetNormalizer":
@@ -512,23 +514,37 @@ class TargetNormalizer:
             values = log_target[bounds[code] : bounds[code + 1]][usable[bounds[code] : bounds[code + 1]]]
             if len(values) >= min_rows:
                 location[code], scale[code] = _robust_location_scale(values)
-        return cls(location, scale)
+        return cls(location, scale, pooled, float(log_target[usable].max()))
 
     def normalize(self, latency_ms: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
         log_latency = np.log1p(np.maximum(latency_ms.astype(np.float64), 0.0))
         return ((log_latency - self.location[service_codes]) / self.scale[service_codes]).astype(np.float32)
 
     def denormalize(self, normalized: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
-        """Normalised predictions back to milliseconds (float64)."""
+        """Normalised predictions back to milliseconds (float64), at most the training maximum.
+
+        A recurrent net extrapolates freely; a forecast above the largest p99 any service showed
+        in training is not evidence, so it is capped there (still far above any SLO).
+        """
         log_latency = normalized.astype(np.float64) * self.scale[service_codes] + self.location[service_codes]
-        return np.expm1(np.clip(log_latency, 0.0, 30.0))
+        return np.expm1(np.clip(log_latency, 0.0, self.ceiling))
 
     def state(self) -> dict:
-        return {"location": self.location.tolist(), "scale": self.scale.tolist()}
+        return {
+            "location": self.location.tolist(),
+            "scale": self.scale.tolist(),
+            "pooled": list(self.pooled),
+            "ceiling": self.ceiling,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> "TargetNormalizer":
-        return cls(np.asarray(state["location"], dtype=np.float64), np.asarray(state["scale"], dtype=np.float64))
+        return cls(
+            np.asarray(state["location"], dtype=np.float64),
+            np.asarray(state["scale"], dtype=np.float64),
+            (float(state["pooled"][0]), float(state["pooled"][1])),
+            float(state["ceiling"]),
+        )
 
 
 def _robust_location_scale(values: np.ndarray) -> tuple[float, float]:

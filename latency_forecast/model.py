@@ -1,6 +1,9 @@
-"""The recurrent forecaster: LSTM or GRU over a window of features, plus a per-service embedding."""
+"""The recurrent forecaster: LSTM or GRU over a window of features, a per-service embedding,
+and a two-part head (service-relative plus absolute latency)."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -13,9 +16,25 @@ class LatencyForecaster(nn.Module):
 
     The service embedding joins the last hidden state at the head: two services with the same
     CPU and topology can live at 40 ms and 300 ms, and the head must know which one it sees.
+
+    The head has two outputs because p99 latency is the sum of two kinds of time. Queueing
+    multiplies a service's own time (relative: ``location_s + scale_s * r`` in log space);
+    a GC pause, an extra network hop or a backlog adds milliseconds whatever the service
+    (absolute: ``pooled_location + pooled_scale * a``). The forecast is their sum,
+    ``logaddexp`` in log space, returned standardised per service like the target.
+    A single relative output had to learn "+2 s" as a different multiplier for every service,
+    and extrapolated a fault seen on one service wildly on another.
     """
 
-    def __init__(self, n_features: int, n_services: int, config: ModelConfig):
+    def __init__(
+        self,
+        n_features: int,
+        n_services: int,
+        config: ModelConfig,
+        location: Sequence[float] | None = None,
+        scale: Sequence[float] | None = None,
+        pooled: tuple[float, float] = (0.0, 1.0),
+    ):
         super().__init__()
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[config.cell]
         self.rnn = recurrent(
@@ -31,8 +50,14 @@ class LatencyForecaster(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(head_inputs, config.hidden_size),
             nn.ReLU(),
-            nn.Linear(config.hidden_size, 1),
+            nn.Linear(config.hidden_size, 2),
         )
+        with torch.no_grad():  # the absolute part starts negligible: e^(pooled - 4 sd)
+            self.head[-1].bias[1] = -4.0
+        # target statistics (from training rows), so the head can mix the two parts
+        self.register_buffer("location", torch.as_tensor(location if location is not None else [0.0] * n_services, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale if scale is not None else [1.0] * n_services, dtype=torch.float32))
+        self.register_buffer("pooled", torch.as_tensor(pooled, dtype=torch.float32))
 
     def forward(self, windows: torch.Tensor, service_codes: torch.Tensor) -> torch.Tensor:
         """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) -> (batch,)."""
@@ -40,4 +65,8 @@ class LatencyForecaster(nn.Module):
         last = output[:, -1]
         if self.embedding is not None:
             last = torch.cat([last, self.embedding(service_codes)], dim=-1)
-        return self.head(last).squeeze(-1)
+        relative_and_absolute = self.head(last)
+        location, scale = self.location[service_codes], self.scale[service_codes]
+        relative = location + scale * relative_and_absolute[:, 0]
+        absolute = self.pooled[0] + self.pooled[1] * relative_and_absolute[:, 1]
+        return (torch.logaddexp(relative, absolute) - location) / scale

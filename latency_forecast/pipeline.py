@@ -54,8 +54,9 @@ class Forecaster:
                 f"{checkpoint['feature_columns']}; pass the scaler.pt saved beside this checkpoint"
             )
         settings = checkpoint["config"]
-        model = LatencyForecaster(
-            len(checkpoint["feature_columns"]), len(checkpoint["services"]), config.from_dict(ModelConfig, settings["model"])
+        normalizer = TargetNormalizer.from_state(checkpoint["target_normalizer"])
+        model = build_model(
+            len(checkpoint["feature_columns"]), len(checkpoint["services"]), config.from_dict(ModelConfig, settings["model"]), normalizer
         )
         try:
             model.load_state_dict(checkpoint["state_dict"])
@@ -65,12 +66,19 @@ class Forecaster:
         return cls(
             model,
             FeatureScaler.from_state(scaler_state),
-            TargetNormalizer.from_state(checkpoint["target_normalizer"]),
+            normalizer,
             list(checkpoint["services"]),
             list(checkpoint["feature_columns"]),
             settings,
             device,
         )
+
+
+def build_model(n_features: int, n_services: int, model_config: ModelConfig, normalizer: TargetNormalizer) -> LatencyForecaster:
+    """The network for this config, carrying the target statistics its head mixes with."""
+    return LatencyForecaster(
+        n_features, n_services, model_config, normalizer.location, normalizer.scale, normalizer.pooled
+    )
 
 
 @dataclass
@@ -144,7 +152,7 @@ def fit_forecaster(
     scaler = FeatureScaler(data_config.feature_transform).fit(table.features, fit_rows)
     normalizer = TargetNormalizer.fit(table, fit_rows)
     torch.manual_seed(training_config.seed)
-    model = LatencyForecaster(len(table.feature_columns), len(table.services), model_config).to(device)
+    model = build_model(len(table.feature_columns), len(table.services), model_config, normalizer).to(device)
     settings = {
         "data": config.to_dict(data_config),
         "model": config.to_dict(model_config),

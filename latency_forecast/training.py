@@ -141,6 +141,8 @@ def fit(
     if world_size > 1:
         trainable = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    # halve the step when validation stalls: the loss is spiky, and a smaller step settles it
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.lr_patience)
     loss = _loss_function(config)
     train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
     validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
@@ -160,6 +162,8 @@ def fit(
             batch_loss = loss(trainable(windows, services), target)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
+            if config.gradient_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
             optimizer.step()
             running += batch_loss.detach()
             if show and step % 50 == 0:  # reading the loss syncs the device: not every step
@@ -168,6 +172,7 @@ def fit(
         validation_loss = _mean_loss(model, series, validation_tensor, loss)
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
+        scheduler.step(validation_loss)
         improved = validation_loss < best_loss
         if improved:
             best_loss, best_state, stale = validation_loss, copy.deepcopy(model.state_dict()), 0
