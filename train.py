@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from latency_forecast import artifacts, config, data, pipeline, plots
-from latency_forecast.config import DataConfig, ModelConfig, OutputConfig, StoreConfig, TrainingConfig
+from latency_forecast import artifacts, config, data, metrics, pipeline, plots
+from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, OutputConfig, StoreConfig, TrainingConfig
 from latency_forecast.errors import cli_entrypoint
 
 
@@ -23,14 +23,14 @@ def build_parser() -> config.ArgumentParser:
     return config.build_parser(
         prog="train.py",
         description=__doc__,
-        parents=[config.parent_parser(StoreConfig, DataConfig, ModelConfig, TrainingConfig, OutputConfig)],
+        parents=[config.parent_parser(StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, OutputConfig)],
     )
 
 
-def _forecast_panels(evaluation: pipeline.Evaluation, table: data.SeriesTable, horizon: int, threshold: float, n_services: int = 4) -> list[dict]:
+def _forecast_panels(evaluation: pipeline.Evaluation, table: data.SeriesTable, horizon: int, n_services: int = 4) -> list[dict]:
     """A six-hour test stretch per service around its worst minute, for the services that breach most."""
-    codes = table.service_codes[evaluation.ends]
-    breaches = np.bincount(codes, weights=evaluation.actual >= threshold, minlength=len(table.services))
+    codes = evaluation.service_codes
+    breaches = np.bincount(codes, weights=evaluation.breach, minlength=len(table.services))
     peaks = np.array([evaluation.actual[codes == c].max() if (codes == c).any() else -1 for c in range(len(table.services))])
     chosen = sorted(range(len(table.services)), key=lambda c: (-breaches[c], -peaks[c]))[:n_services]
     panels = []
@@ -48,6 +48,8 @@ def _forecast_panels(evaluation: pipeline.Evaluation, table: data.SeriesTable, h
                 "actual": evaluation.actual[near],
                 "forecast": evaluation.forecast[near],
                 "persistence": evaluation.persistence[near],
+                "latency_threshold": float(evaluation.latency_threshold[near][0]),
+                "alert": evaluation.alert[near],
             }
         )
     return panels
@@ -60,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_config = config.from_args(DataConfig, args)
     model_config = config.from_args(ModelConfig, args)
     training_config = config.from_args(TrainingConfig, args)
+    alert_config = config.from_args(AlertConfig, args)
     output = config.from_args(OutputConfig, args)
+    thresholds = config.latency_thresholds(data_config)
     log = (lambda message: None) if output.quiet else print
     started = time.perf_counter()
 
@@ -70,33 +74,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         data.parse_timestamp(store.start_ts, "--start-ts"),
         data.parse_timestamp(store.end_ts, "--end-ts"),
     )
+    unknown = sorted(set(thresholds.per_service) - set(table.services))
+    if unknown:
+        pipeline.warn(f"--latency-thresholds names services not in the store: {', '.join(unknown)}")
     splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
     log(
         f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features "
         f"({', '.join(table.feature_columns)})"
     )
     forecaster, prepared, history = pipeline.fit_forecaster(
-        table, splits.train, splits.validation, data_config, model_config, training_config, not output.quiet, log
+        table, splits.train, splits.validation, data_config, model_config, training_config, not output.quiet, log, thresholds
     )
     L, H = data_config.sequence_length, data_config.horizon
     split_ends = {name: data.samples_in(prepared.ends, table, getattr(splits, name), L, H) for name in ("train", "validation", "test")}
     pipeline.require_samples(split_ends["test"], "test", splits.test, data_config)
-    evaluations = {name: pipeline.evaluate(forecaster, prepared, split_ends[name]) for name in ("validation", "test")}
-    threshold = data_config.latency_threshold
+
+    # The operating point is chosen on validation; the test split only measures it.
+    validation = pipeline.evaluate(forecaster, prepared, split_ends["validation"])
+    calibration = pipeline.calibrate(forecaster, validation, table, alert_config)
+    validation = validation.with_alert_rule(forecaster.alert, table.services)
+    test = pipeline.evaluate(forecaster, prepared, split_ends["test"])
+    evaluations = {"validation": validation, "test": test}
+    persistence_thresholds = {"persistence": 1.0}
+    if alert_config.target_fpr > 0:
+        matched = metrics.calibrate_threshold(validation.persistence_score, validation.breach, alert_config.target_fpr)
+        if matched is not None:
+            persistence_thresholds["persistence_at_target_fpr"] = matched
     report = {
-        "validation": evaluations["validation"].model_metrics,
-        "test": evaluations["test"].model_metrics,
+        "validation": validation.model_metrics,
+        "test": test.model_metrics,
         "baseline": {"persistence": {name: evaluations[name].persistence_metrics for name in ("validation", "test")}},
-        "per_service": {name: pipeline.per_service(evaluations[name], table, threshold) for name in ("validation", "test")},
+        "alerting": {
+            "operating_point": {
+                **calibration,
+                "validation_false_positive_rate": validation.model_metrics["false_positive_rate"],
+                "test_false_positive_rate": test.model_metrics["false_positive_rate"],
+                "alert_threshold_ms": _alert_thresholds_ms(forecaster, table),
+            },
+            **{name: pipeline.alerting_report(evaluations[name], H, persistence_thresholds) for name in ("validation", "test")},
+        },
+        "per_service": {name: pipeline.per_service(evaluations[name], table) for name in ("validation", "test")},
         "data": {
             "splits": splits.as_dict(),
             "windows": prepared.counts.as_dict(),
             "samples": {name: int(len(ends)) for name, ends in split_ends.items()},
             "services": table.services,
             "feature_columns": table.feature_columns,
+            "latency_thresholds": thresholds.as_dict(),
         },
     }
-    settings = {"store": config.to_dict(store), **forecaster.settings}
+    settings = {"store": config.to_dict(store), **forecaster.settings, "alert": config.to_dict(alert_config)}
     forecaster.settings = settings
     with artifacts.staged(output.output_dir) as stage:
         stage.save_torch("latency_forecaster.pt", forecaster.checkpoint())
@@ -105,29 +132,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage.write_json("training_history.json", history)
         stage.write_json("config.json", settings)
         stage.save_figure("loss_curve.png", plots.loss_curve(history))
-        stage.save_figure(
-            "forecast_vs_actual.png",
-            plots.forecast_vs_actual(_forecast_panels(evaluations["test"], table, H, threshold), threshold, H),
-        )
+        stage.save_figure("forecast_vs_actual.png", plots.forecast_vs_actual(_forecast_panels(test, table, H), H))
+        stage.save_figure("alert_tradeoff.png", _tradeoff_figure(test, report["alerting"]["test"], alert_config.target_fpr))
     _print_summary(report, output.output_dir, time.perf_counter() - started)
     return 0
 
 
+def _alert_thresholds_ms(forecaster: pipeline.Forecaster, table: data.SeriesTable) -> dict[str, float] | None:
+    """Per service, the forecast (ms) at which an alert fires; None when alerts fire on a probability."""
+    if forecaster.alert.score != "forecast_ratio":
+        return None
+    ratios = forecaster.alert.thresholds_for(table.services)
+    latency = forecaster.latency_thresholds.for_services(table.services)
+    return {name: float(r * ms) for name, r, ms in zip(table.services, ratios, latency)}
+
+
+def _tradeoff_figure(test: pipeline.Evaluation, alerting: dict, target_fpr: float):
+    curves = {
+        "model": metrics.roc_points(test.score, test.breach),
+        "persistence": metrics.roc_points(test.persistence_score, test.breach),
+    }
+    points = {"model (chosen)": (test.model_metrics["false_positive_rate"], test.model_metrics["true_positive_rate"])}
+    for name in ("persistence", "persistence_at_target_fpr"):
+        if name in alerting:
+            points[name.replace("_", " ")] = (alerting[name]["false_positive_rate"], alerting[name]["true_positive_rate"])
+    return plots.alert_tradeoff(curves, points, target_fpr or None)
+
+
 def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     test, baseline = report["test"], report["baseline"]["persistence"]["test"]
+    alerting, point = report["alerting"]["test"], report["alerting"]["operating_point"]
 
     def rate(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.1%}"
 
+    def number(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "n/a" if value is None else fmt.format(value)
+
     print(f"\nartifacts written to {os.path.abspath(output_dir)}/ in {seconds:.0f}s")
     print(f"test period: {report['data']['splits']['test']['start']} to {report['data']['splits']['test']['end']}, {test['n_samples']:,} samples")
-    print(f"{'':24}{'model':>12}{'persistence':>14}")
-    for label, key, fmt in (("MAE (ms)", "mae", "{:.1f}"), ("RMSE (ms)", "rmse", "{:.1f}")):
-        print(f"{label:24}{fmt.format(test[key]):>12}{fmt.format(baseline[key]):>14}")
+    if point["target_fpr"]:
+        print(
+            f"alert threshold calibrated on validation for FPR <= {point['target_fpr']:.1%}: score >= {point['threshold']:.3g} "
+            f"({point['score']}); validation FPR {rate(point['validation_false_positive_rate'])}, test FPR {rate(point['test_false_positive_rate'])}"
+        )
+    print(f"{'':26}{'model':>12}{'persistence':>14}")
+    for label, key in (("MAE (ms)", "mae"), ("RMSE (ms)", "rmse")):
+        print(f"{label:26}{number(test[key]):>12}{number(baseline[key]):>14}")
     for label, key in (("breach TPR", "true_positive_rate"), ("false positive rate", "false_positive_rate"), ("precision", "precision")):
-        print(f"{label:24}{rate(test[key]):>12}{rate(baseline[key]):>14}")
+        print(f"{label:26}{rate(test[key]):>12}{rate(baseline[key]):>14}")
+    model, persistence = alerting["model"], alerting["persistence"]
+    print(f"{'ROC-AUC':26}{number(model['roc_auc'], '{:.3f}'):>12}{number(persistence['roc_auc'], '{:.3f}'):>14}")
+    print(f"{'episodes anticipated':26}{model['anticipated_episodes']:>8}/{model['episodes']:<3}{persistence['anticipated_episodes']:>10}/{persistence['episodes']:<3}")
+    matched = alerting.get("persistence_at_target_fpr")
+    if matched:
+        print(f"{'  persistence at same FPR':26}{'':12}{matched['anticipated_episodes']:>10}/{matched['episodes']:<3}")
     print(
-        f"{'confusion (TP/FP/TN/FN)':24}"
+        f"{'confusion (TP/FP/TN/FN)':26}"
         f"{test['true_positives']}/{test['false_positives']}/{test['true_negatives']}/{test['false_negatives']}"
     )
     if test["mae"] is not None and baseline["mae"]:

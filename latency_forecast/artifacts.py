@@ -21,7 +21,16 @@ import torch
 from latency_forecast.errors import UserError
 
 FORMAT_VERSION = 1
-CHECKPOINT_KEYS = ("format_version", "config", "feature_columns", "services", "target_normalizer", "state_dict")
+CHECKPOINT_KEYS = (
+    "format_version",
+    "config",
+    "feature_columns",
+    "services",
+    "target_normalizer",
+    "latency_thresholds",
+    "alert",
+    "state_dict",
+)
 
 
 def _json_default(value: Any) -> Any:

@@ -52,6 +52,11 @@ class DataConfig:
     sequence_length: int = _setting(16, "minutes of history per window (L)")
     horizon: int = _setting(5, "minutes ahead to forecast (H): inputs end at t, the target is t+H")
     latency_threshold: float = _setting(500.0, "p99 latency in ms at or above which a minute is a breach")
+    latency_thresholds: str | None = _setting(
+        None,
+        "JSON or YAML file mapping service -> threshold ms, with an optional 'default' entry "
+        "(else --latency-threshold); overrides --latency-threshold per service",
+    )
     validation_fraction: float = _setting(0.15, "share of the store's minutes used for validation (after train)")
     test_fraction: float = _setting(0.15, "share of the store's minutes held out for test (the last ones)")
     embargo_minutes: int = _setting(
@@ -102,6 +107,9 @@ class ModelConfig:
     service_embedding_dim: int = _setting(
         8, "size of the learned per-service embedding fed to the head (0 disables it)"
     )
+    multitask: bool = _setting(
+        False, "add a head for the breach probability, trained jointly; alerts then fire on that probability"
+    )
 
     def __post_init__(self) -> None:
         _require(self.hidden_size >= 1, "--hidden-size must be at least 1")
@@ -138,6 +146,10 @@ class TrainingConfig:
         "extra loss weight for spike targets (over 3 robust standard deviations above the "
         "service's median latency); spikes are rare but they are what alerts are about",
     )
+    breach_loss_weight: float = _setting(1.0, "with --multitask: weight of the breach (BCE) loss beside the regression loss")
+    breach_pos_weight: float = _setting(
+        10.0, "with --multitask: BCE weight of a breach sample against a normal one (breaches are rare)"
+    )
     device: str = _setting("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
     num_threads: int = _setting(0, "torch CPU threads; 0 keeps torch's default")
     seed: int = _setting(0, "seed for weights, shuffling and dropout; CPU runs are reproducible")
@@ -153,6 +165,25 @@ class TrainingConfig:
         _require(self.gradient_clip >= 0, "--gradient-clip must be 0 (off) or more")
         _require(self.spike_weight >= 0, "--spike-weight must be 0 or more")
         _require(self.num_threads >= 0, "--num-threads must be 0 (default) or more")
+        _require(self.breach_loss_weight >= 0, "--breach-loss-weight must be 0 or more")
+        _require(self.breach_pos_weight > 0, "--breach-pos-weight must be positive")
+
+
+@dataclass
+class AlertConfig:
+    """When an alert fires."""
+
+    target_fpr: float = _setting(
+        0.01,
+        "calibrate the alert threshold on the validation split to the most sensitive one whose "
+        "false positive rate is at most this; 0 alerts when the forecast reaches the latency threshold",
+    )
+    calibrate_per_service: bool = _setting(
+        False, "calibrate one alert threshold per service (services with too few validation negatives use the global one)"
+    )
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.target_fpr < 1, f"--target-fpr must be in [0, 1), got {self.target_fpr}")
 
 
 @dataclass
@@ -161,6 +192,54 @@ class OutputConfig:
 
     output_dir: str = _setting("artifacts", "directory for the checkpoint, metrics and plots")
     quiet: bool = _setting(False, "no progress bars or per-epoch lines; the summary is still printed")
+
+
+@dataclass
+class LatencyThresholds:
+    """Breach threshold (ms) per service: one default, overridden per service name."""
+
+    default: float
+    per_service: dict[str, float] = field(default_factory=dict)
+
+    def for_services(self, services: Sequence[str]) -> "np.ndarray":
+        """(len(services),) float64 thresholds in the given order."""
+        import numpy as np
+
+        return np.array([self.per_service.get(name, self.default) for name in services], dtype=np.float64)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"default": self.default, "per_service": dict(self.per_service)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LatencyThresholds":
+        return cls(float(values["default"]), {str(k): float(v) for k, v in values.get("per_service", {}).items()})
+
+
+def latency_thresholds(data_config: DataConfig) -> LatencyThresholds:
+    """The thresholds of a run: ``--latency-threshold``, overridden by ``--latency-thresholds FILE``."""
+    path = data_config.latency_thresholds
+    if path is None:
+        return LatencyThresholds(data_config.latency_threshold)
+    try:
+        with open(path) as stream:
+            text = stream.read()
+    except OSError as error:
+        raise UserError(f"cannot read --latency-thresholds {path}: {error.strerror}; pass a JSON or YAML file") from error
+    import yaml  # YAML is a superset of JSON: one parser reads both
+
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"--latency-thresholds {path} is not valid JSON or YAML; write a mapping of service -> ms") from error
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError(f"--latency-thresholds {path} must map service names to milliseconds, e.g. {{default: 500, cache: 50}}")
+    values: dict[str, float] = {}
+    for name, value in mapping.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"--latency-thresholds {path}: {name!r} must be a positive number of milliseconds, got {value!r}")
+        values[str(name)] = float(value)
+    default = values.pop("default", data_config.latency_threshold)
+    return LatencyThresholds(default, values)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -67,3 +67,100 @@ def forecast_metrics(
         "false_negatives": fn,
         "n_samples": n,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Alert operating point
+
+
+def calibrate_threshold(score: np.ndarray, breach: np.ndarray, target_fpr: float) -> float | None:
+    """The most sensitive alert threshold whose false positive rate is at most ``target_fpr``.
+
+    Alerts fire when ``score >= threshold``. With ``k = floor(target_fpr * negatives)``
+    false alarms allowed, the threshold sits just above the (k+1)-th highest negative score,
+    so ties never push the rate over the target. None when there are no negatives.
+    """
+    negatives = np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])[::-1]
+    if len(negatives) == 0:
+        return None
+    allowed = int(np.floor(target_fpr * len(negatives) + 1e-9))
+    if allowed >= len(negatives):
+        return float(negatives[-1])
+    return float(np.nextafter(negatives[allowed], np.inf))
+
+
+def ranking_metrics(score: np.ndarray, breach: np.ndarray) -> dict[str, float | None]:
+    """ROC-AUC and PR-AUC (average precision) of an alert score; null with only one class."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    breach = np.asarray(breach, dtype=bool)
+    if breach.all() or not breach.any():
+        return {"roc_auc": None, "pr_auc": None}
+    return {"roc_auc": float(roc_auc_score(breach, score)), "pr_auc": float(average_precision_score(breach, score))}
+
+
+def roc_points(score: np.ndarray, breach: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates of every threshold, for plotting."""
+    from sklearn.metrics import roc_curve
+
+    breach = np.asarray(breach, dtype=bool)
+    if breach.all() or not breach.any():
+        return np.zeros(0), np.zeros(0)
+    fpr, tpr, _ = roc_curve(breach, score)
+    return fpr, tpr
+
+
+def _runs(codes: np.ndarray, minutes: np.ndarray, flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end indices (inclusive) of runs of consecutive flagged minutes of one service.
+
+    Inputs must be sorted by (code, minute); a missing minute or a new service ends a run.
+    """
+    flag = np.asarray(flag, dtype=bool)
+    continues = np.zeros(len(flag), dtype=bool)
+    continues[1:] = flag[1:] & flag[:-1] & (codes[1:] == codes[:-1]) & (minutes[1:] - minutes[:-1] == 1)
+    starts = np.flatnonzero(flag & ~continues)
+    ends_after = np.flatnonzero(flag & ~np.append(continues[1:], False))
+    return starts, ends_after
+
+
+def episode_metrics(
+    service_codes: np.ndarray,
+    target_minutes: np.ndarray,
+    breach: np.ndarray,
+    alert: np.ndarray,
+    horizon: int,
+) -> dict[str, float | int | None]:
+    """The on-call view: breach episodes, how many were seen coming, and false-alarm episodes.
+
+    Each sample is the alert made at minute ``t`` for minute ``t + horizon`` (``target_minutes``).
+    An episode is a run of consecutive breach minutes of one service. It is *anticipated* when an
+    alert was fired at least one minute before its first minute ``e`` and within the horizon,
+    i.e. at ``t`` in ``[e - horizon, e - 1]``; the lead time is ``e - t`` for the earliest such ``t``.
+    A false-alarm episode is a run of consecutive alerted minutes none of which breached.
+    Rates are per service-day of samples (1440 samples = one service-day).
+    """
+    order = np.lexsort((target_minutes, service_codes))
+    codes, minutes = np.asarray(service_codes)[order], np.asarray(target_minutes)[order]
+    breach, alert = np.asarray(breach, dtype=bool)[order], np.asarray(alert, dtype=bool)[order]
+
+    starts, _ = _runs(codes, minutes, breach)
+    fired = {(int(c), int(m) - horizon) for c, m in zip(codes[alert], minutes[alert])}
+    lead_times = []
+    for start in starts:
+        code, first = int(codes[start]), int(minutes[start])
+        leads = [first - t for t in range(first - horizon, first) if (code, t) in fired]
+        if leads:
+            lead_times.append(max(leads))
+    alarm_starts, alarm_ends = _runs(codes, minutes, alert)
+    breach_before = np.concatenate(([0], np.cumsum(breach)))
+    false_alarms = int(np.sum(breach_before[alarm_ends + 1] - breach_before[alarm_starts] == 0))
+    service_days = len(codes) / 1440.0
+    return {
+        "episodes": int(len(starts)),
+        "anticipated_episodes": len(lead_times),
+        "anticipated_share": float(len(lead_times) / len(starts)) if len(starts) else None,
+        "median_lead_minutes": float(np.median(lead_times)) if lead_times else None,
+        "alert_episodes": int(len(alarm_starts)),
+        "false_alarm_episodes": false_alarms,
+        "false_alarm_episodes_per_service_day": float(false_alarms / service_days) if service_days else None,
+    }

@@ -50,8 +50,9 @@ class LatencyForecaster(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(head_inputs, config.hidden_size),
             nn.ReLU(),
-            nn.Linear(config.hidden_size, 2),
+            nn.Linear(config.hidden_size, 3 if config.multitask else 2),
         )
+        self.multitask = config.multitask
         with torch.no_grad():  # the absolute part starts negligible: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
         # target statistics (from training rows), so the head can mix the two parts
@@ -59,14 +60,22 @@ class LatencyForecaster(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale if scale is not None else [1.0] * n_services, dtype=torch.float32))
         self.register_buffer("pooled", torch.as_tensor(pooled, dtype=torch.float32))
 
-    def forward(self, windows: torch.Tensor, service_codes: torch.Tensor) -> torch.Tensor:
-        """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) -> (batch,)."""
+    def forward(
+        self, windows: torch.Tensor, service_codes: torch.Tensor, with_breach: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) -> (batch,).
+
+        With ``with_breach`` (multitask models) also the breach logit, (batch,).
+        """
         output, _ = self.rnn(windows)
         last = output[:, -1]
         if self.embedding is not None:
             last = torch.cat([last, self.embedding(service_codes)], dim=-1)
-        relative_and_absolute = self.head(last)
+        heads = self.head(last)
         location, scale = self.location[service_codes], self.scale[service_codes]
-        relative = location + scale * relative_and_absolute[:, 0]
-        absolute = self.pooled[0] + self.pooled[1] * relative_and_absolute[:, 1]
-        return (torch.logaddexp(relative, absolute) - location) / scale
+        relative = location + scale * heads[:, 0]
+        absolute = self.pooled[0] + self.pooled[1] * heads[:, 1]
+        forecast = (torch.logaddexp(relative, absolute) - location) / scale
+        if with_breach:
+            return forecast, heads[:, 2]
+        return forecast

@@ -1,26 +1,61 @@
-"""A trained forecaster as one object (model + scalers + settings), and the steps every script
-shares: fit it on a time range, prepare a table for it, forecast in ms, evaluate beside persistence.
+"""A trained forecaster as one object (model, scalers, thresholds, alert rule, settings), and the
+steps every script shares: fit it on a time range, prepare a table for it, forecast in ms,
+decide alerts, evaluate beside persistence, calibrate the alert threshold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from latency_forecast import artifacts, config, data, metrics, training
-from latency_forecast.config import DataConfig, ModelConfig, TrainingConfig
+from latency_forecast.config import AlertConfig, DataConfig, LatencyThresholds, ModelConfig, TrainingConfig
 from latency_forecast.data import FeatureScaler, SeriesTable, TargetNormalizer, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.model import LatencyForecaster
 
+# Per-service calibration needs enough validation negatives for the target rate to mean
+# something: at least this many allowed false alarms, else the service uses the global threshold.
+MIN_ALLOWED_FALSE_ALARMS = 10
+
+
+@dataclass
+class AlertRule:
+    """When an alert fires: ``score >= threshold`` (per service where calibrated per service).
+
+    The score is the forecast divided by the service's latency threshold (``forecast_ratio``),
+    so threshold 1.0 is the uncalibrated rule "forecast reaches the threshold"; for a multitask
+    model it is the predicted breach probability (``probability``, uncalibrated 0.5).
+    """
+
+    score: str = "forecast_ratio"
+    threshold: float = 1.0
+    per_service: dict[str, float] = field(default_factory=dict)
+    target_fpr: float | None = None
+
+    def thresholds_for(self, services: list[str]) -> np.ndarray:
+        return np.array([self.per_service.get(name, self.threshold) for name in services], dtype=np.float64)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "threshold": self.threshold, "per_service": dict(self.per_service), "target_fpr": self.target_fpr}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AlertRule":
+        return cls(values["score"], float(values["threshold"]), dict(values.get("per_service", {})), values.get("target_fpr"))
+
+    @classmethod
+    def uncalibrated(cls, multitask: bool) -> "AlertRule":
+        return cls("probability", 0.5) if multitask else cls()
+
 
 @dataclass
 class Forecaster:
-    """Everything needed to turn telemetry into forecasts, saved together in the checkpoint."""
+    """Everything needed to turn telemetry into forecasts and alerts, saved together in the checkpoint."""
 
     model: LatencyForecaster
     scaler: FeatureScaler
@@ -29,6 +64,8 @@ class Forecaster:
     feature_columns: list[str]
     settings: dict[str, dict[str, Any]]  # {"data": ..., "model": ..., "training": ...}
     device: torch.device
+    latency_thresholds: LatencyThresholds
+    alert: AlertRule
 
     @property
     def data_config(self) -> DataConfig:
@@ -42,6 +79,8 @@ class Forecaster:
             "feature_columns": list(self.feature_columns),
             "services": list(self.services),
             "target_normalizer": self.target_normalizer.state(),
+            "latency_thresholds": self.latency_thresholds.as_dict(),
+            "alert": self.alert.as_dict(),
             "state_dict": {key: value.detach().cpu() for key, value in self.model.state_dict().items()},
         }
 
@@ -71,6 +110,8 @@ class Forecaster:
             list(checkpoint["feature_columns"]),
             settings,
             device,
+            LatencyThresholds.from_dict(checkpoint["latency_thresholds"]),
+            AlertRule.from_dict(checkpoint["alert"]),
         )
 
 
@@ -90,6 +131,7 @@ class PreparedSeries:
     ends: np.ndarray  # (n_samples,) row index where each valid sample's inputs end
     counts: data.WindowCounts
     unknown_services: list[str]
+    latency_threshold: np.ndarray  # (n_rows,) the breach threshold of each row's service, ms
 
 
 def prepare(table: SeriesTable, forecaster: Forecaster, inplace: bool = False) -> PreparedSeries:
@@ -111,16 +153,21 @@ def prepare(table: SeriesTable, forecaster: Forecaster, inplace: bool = False) -
     ends = ends[model_codes[ends] >= 0]
     scaled = forecaster.scaler.transform(table.features, inplace=inplace)
     target = forecaster.target_normalizer.normalize(table.target, np.maximum(model_codes, 0))
+    latency_threshold = forecaster.latency_thresholds.for_services(table.services)[table.service_codes]
     device = forecaster.device
+    breach = None
+    if forecaster.model.multitask:
+        breach = torch.from_numpy((table.target >= latency_threshold).astype(np.float32)).to(device)
     tensors = training.SeriesTensors(
         inputs=torch.from_numpy(scaled).to(device),
         target=torch.from_numpy(target).to(device),
         service_codes=torch.from_numpy(np.maximum(model_codes, 0)).to(device),
         sequence_length=settings.sequence_length,
         horizon=settings.horizon,
+        breach=breach,
     )
     unknown = [name for name, code in zip(table.services, code_map) if code < 0]
-    return PreparedSeries(table, tensors, ends, counts, unknown)
+    return PreparedSeries(table, tensors, ends, counts, unknown, latency_threshold)
 
 
 def require_samples(ends: np.ndarray, what: str, time_range: TimeRange, settings: DataConfig) -> None:
@@ -141,9 +188,11 @@ def fit_forecaster(
     training_config: TrainingConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    latency_thresholds: LatencyThresholds | None = None,
 ) -> tuple[Forecaster, PreparedSeries, list[dict]]:
     """Fit scalers on ``fit_range`` rows only, then train with early stopping on ``stop_range``.
 
+    The returned forecaster alerts with the uncalibrated rule; see :func:`calibrate`.
     Returns the forecaster, the table prepared for it, and the per-epoch history.
     """
     device = training.resolve_device(training_config.device)
@@ -158,7 +207,17 @@ def fit_forecaster(
         "model": config.to_dict(model_config),
         "training": config.to_dict(training_config),
     }
-    forecaster = Forecaster(model, scaler, normalizer, list(table.services), list(table.feature_columns), settings, device)
+    forecaster = Forecaster(
+        model,
+        scaler,
+        normalizer,
+        list(table.services),
+        list(table.feature_columns),
+        settings,
+        device,
+        latency_thresholds or LatencyThresholds(data_config.latency_threshold),
+        AlertRule.uncalibrated(model_config.multitask),
+    )
     prepared = prepare(table, forecaster)
     if len(prepared.ends) == 0:
         raise UserError(
@@ -177,48 +236,143 @@ def fit_forecaster(
 
 def forecast_ms(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray) -> np.ndarray:
     """(n_samples,) forecast p99 latency in ms at t+H for the samples ending at ``ends``."""
-    normalized = training.predict(forecaster.model, prepared.tensors, ends)
+    return _predict(forecaster, prepared, ends)[0]
+
+
+def _predict(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    normalized, probability = training.predict(forecaster.model, prepared.tensors, ends)
     codes = prepared.tensors.service_codes[torch.as_tensor(ends, device=forecaster.device)].cpu().numpy()
-    return forecaster.target_normalizer.denormalize(normalized, codes)
+    return forecaster.target_normalizer.denormalize(normalized, codes), probability
 
 
 @dataclass
 class Evaluation:
-    """Forecasts and truth for one set of samples, with the contract metrics for both forecasters."""
+    """Forecasts, truth and alerts for one set of samples, with the contract metrics of the
+    model (its alert rule) and of persistence (alerting when the latency at t reaches the threshold)."""
 
     ends: np.ndarray
+    service_codes: np.ndarray  # (n_samples,) codes into the table's services
+    target_minutes: np.ndarray  # minute t+H that each sample forecasts
     actual: np.ndarray  # latency at t+H, ms
     forecast: np.ndarray  # model, ms
     persistence: np.ndarray  # latency at t, ms
+    latency_threshold: np.ndarray  # breach threshold of each sample's service, ms
+    score: np.ndarray  # model alert score (forecast ratio or breach probability)
+    alert_threshold: np.ndarray  # the model's alert threshold for each sample
     model_metrics: dict
     persistence_metrics: dict
 
+    @property
+    def breach(self) -> np.ndarray:
+        return self.actual >= self.latency_threshold
+
+    @property
+    def alert(self) -> np.ndarray:
+        return self.score >= self.alert_threshold
+
+    @property
+    def persistence_score(self) -> np.ndarray:
+        return self.persistence / self.latency_threshold
+
+    def with_alert_rule(self, rule: AlertRule, services: list[str]) -> "Evaluation":
+        """The same forecasts judged by another alert rule (no new predictions)."""
+        alert_threshold = rule.thresholds_for(services)[self.service_codes]
+        model_metrics = metrics.forecast_metrics(self.actual, self.forecast, self.latency_threshold, alert_threshold, self.score)
+        return dataclasses.replace(self, alert_threshold=alert_threshold, model_metrics=model_metrics)
+
+
+def alert_scores(forecaster: Forecaster, forecast: np.ndarray, probability: np.ndarray | None, latency_threshold: np.ndarray) -> np.ndarray:
+    """The number the alert rule thresholds: forecast / threshold, or the breach probability."""
+    if forecaster.alert.score == "probability":
+        if probability is None:
+            raise UserError("this checkpoint alerts on a breach probability but has no breach head; retrain it")
+        return probability.astype(np.float64)
+    return forecast / latency_threshold
+
 
 def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray) -> Evaluation:
-    """Model and persistence baseline on exactly the same samples."""
-    settings = forecaster.data_config
-    actual = prepared.table.target[ends + settings.horizon].astype(np.float64)
-    persistence = prepared.table.target[ends].astype(np.float64)
-    forecast = forecast_ms(forecaster, prepared, ends)
-    threshold = settings.latency_threshold
+    """Model and persistence baseline on exactly the same samples, each service at its own threshold."""
+    horizon = forecaster.data_config.horizon
+    table = prepared.table
+    actual = table.target[ends + horizon].astype(np.float64)
+    persistence = table.target[ends].astype(np.float64)
+    threshold = prepared.latency_threshold[ends]
+    forecast, probability = _predict(forecaster, prepared, ends)
+    score = alert_scores(forecaster, forecast, probability, threshold)
+    alert_threshold = forecaster.alert.thresholds_for(table.services)[table.service_codes[ends]]
     return Evaluation(
         ends,
+        table.service_codes[ends],
+        table.minutes[ends] + horizon,
         actual,
         forecast,
         persistence,
-        metrics.forecast_metrics(actual, forecast, threshold),
+        threshold,
+        score,
+        alert_threshold,
+        metrics.forecast_metrics(actual, forecast, threshold, alert_threshold, score),
         metrics.forecast_metrics(actual, persistence, threshold),
     )
 
 
-def per_service(evaluation: Evaluation, table: SeriesTable, threshold: float) -> dict[str, dict[str, dict]]:
+def calibrate(forecaster: Forecaster, validation: Evaluation, table: SeriesTable, alert_config: AlertConfig) -> dict:
+    """Set the forecaster's alert threshold from validation samples only (issue: alert fatigue).
+
+    The most sensitive threshold whose validation false positive rate is at most
+    ``target_fpr``; per service when asked and the service has enough negatives. Returns the
+    calibration report. With ``target_fpr`` 0 the uncalibrated rule is kept.
+    """
+    rule = AlertRule.uncalibrated(forecaster.model.multitask)
+    target = alert_config.target_fpr
+    if target > 0:
+        threshold = metrics.calibrate_threshold(validation.score, validation.breach, target)
+        rule = AlertRule(rule.score, rule.threshold if threshold is None else threshold, {}, target)
+        if alert_config.calibrate_per_service:
+            for code in np.unique(validation.service_codes):
+                mine = validation.service_codes == code
+                negatives = int(np.sum(mine & ~validation.breach))
+                if negatives * target >= MIN_ALLOWED_FALSE_ALARMS:
+                    own = metrics.calibrate_threshold(validation.score[mine], validation.breach[mine], target)
+                    rule.per_service[table.services[code]] = own
+    forecaster.alert = rule
+    return rule.as_dict()
+
+
+def alerting_report(evaluation: Evaluation, horizon: int, persistence_thresholds: dict[str, float]) -> dict[str, dict]:
+    """ROC/PR-AUC and the episode view, for the model (its alert rule) and for persistence at
+    each named threshold on latency / latency threshold (1.0: alert when the latency at t breaches)."""
+    codes, minutes, breach = evaluation.service_codes, evaluation.target_minutes, evaluation.breach
+    report = {
+        "model": {
+            **metrics.ranking_metrics(evaluation.score, breach),
+            **metrics.episode_metrics(codes, minutes, breach, evaluation.alert, horizon),
+        }
+    }
+    persistence_ranking = metrics.ranking_metrics(evaluation.persistence_score, breach)
+    for name, threshold in persistence_thresholds.items():
+        alert = evaluation.persistence_score >= threshold
+        counts = metrics.forecast_metrics(
+            evaluation.actual, evaluation.persistence, evaluation.latency_threshold, threshold, evaluation.persistence_score
+        )
+        report[name] = {
+            "alert_threshold": threshold,
+            **{key: counts[key] for key in ("true_positive_rate", "false_positive_rate", "precision")},
+            **persistence_ranking,
+            **metrics.episode_metrics(codes, minutes, breach, alert, horizon),
+        }
+    return report
+
+
+def per_service(evaluation: Evaluation, table: SeriesTable) -> dict[str, dict[str, dict]]:
     """Contract metrics per service: ``{service: {"model": {...}, "persistence": {...}}}``."""
-    codes = table.service_codes[evaluation.ends]
     result = {}
-    for code in np.unique(codes):
-        mine = codes == code
+    for code in np.unique(evaluation.service_codes):
+        mine = evaluation.service_codes == code
+        threshold = evaluation.latency_threshold[mine]
         result[table.services[code]] = {
-            "model": metrics.forecast_metrics(evaluation.actual[mine], evaluation.forecast[mine], threshold),
+            "model": metrics.forecast_metrics(
+                evaluation.actual[mine], evaluation.forecast[mine], threshold, evaluation.alert_threshold[mine], evaluation.score[mine]
+            ),
             "persistence": metrics.forecast_metrics(evaluation.actual[mine], evaluation.persistence[mine], threshold),
         }
     return result

@@ -26,13 +26,11 @@ def loss_curve(history: Sequence[dict]) -> Figure:
     return figure
 
 
-def forecast_vs_actual(
-    panels: Sequence[dict], latency_threshold: float, horizon: int
-) -> Figure:
+def forecast_vs_actual(panels: Sequence[dict], horizon: int) -> Figure:
     """One panel per service: actual p99, model forecast and persistence over a test stretch.
 
     Each panel dict holds ``service``, ``minutes`` (target minute t+H, datetime64),
-    ``actual``, ``forecast``, ``persistence`` (ms).
+    ``actual``, ``forecast``, ``persistence`` (ms), ``latency_threshold`` (ms) and ``alert``.
     """
     figure = Figure(figsize=(11, 2.8 * max(len(panels), 1)))
     axes_list = np.atleast_1d(figure.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0])
@@ -41,10 +39,11 @@ def forecast_vs_actual(
         axes.plot(times, panel["actual"], color="black", linewidth=1.0, label="actual p99")
         axes.plot(times, panel["forecast"], color="tab:blue", linewidth=1.2, label=f"forecast (made {horizon} min earlier)")
         axes.plot(times, panel["persistence"], color="tab:orange", linewidth=0.8, alpha=0.7, linestyle="--", label="persistence baseline")
-        axes.axhline(latency_threshold, color="tab:red", linestyle=":", label=f"threshold {latency_threshold:g} ms")
-        breach = panel["actual"] >= latency_threshold
+        threshold = panel["latency_threshold"]
+        axes.axhline(threshold, color="tab:red", linestyle=":", label=f"threshold {threshold:g} ms")
+        breach = panel["actual"] >= threshold
         axes.scatter(times[breach], panel["actual"][breach], color="tab:red", s=10, zorder=3, label="breach")
-        alert = panel["forecast"] >= latency_threshold
+        alert = panel["alert"]
         if alert.any():
             low = max(np.nanmin(panel["actual"]) * 0.8, 0.1)
             axes.scatter(times[alert], np.full(alert.sum(), low), marker="^", color="tab:blue", s=12, label="alert")
@@ -54,4 +53,31 @@ def forecast_vs_actual(
         axes.grid(alpha=0.3, which="both")
     axes_list[0].legend(loc="upper left", fontsize=8, ncol=3)
     figure.autofmt_xdate()
+    return figure
+
+
+def alert_tradeoff(curves: dict[str, tuple], points: dict[str, tuple], target_fpr: float | None) -> Figure:
+    """TPR against FPR (log x) per alert score, with operating points and the target FPR line.
+
+    ``curves`` maps a label to ``(fpr, tpr)`` arrays; ``points`` maps a label to one ``(fpr, tpr)``.
+    """
+    figure = Figure(figsize=(7, 5))
+    axes = figure.subplots()
+    for label, (fpr, tpr) in curves.items():
+        visible = fpr > 0
+        axes.plot(fpr[visible], tpr[visible], label=label)
+    for (label, (fpr, tpr)), marker in zip(points.items(), "o^sD"):
+        if fpr is not None and tpr is not None:
+            axes.scatter([max(fpr, 1e-5)], [tpr], marker=marker, s=60, zorder=3, label=f"{label}: FPR {fpr:.2%}, TPR {tpr:.1%}")
+    axes.axvline(0.01, color="tab:red", linestyle=":", label="1% FPR (alert-fatigue budget)")
+    if target_fpr and abs(target_fpr - 0.01) > 1e-12:
+        axes.axvline(target_fpr, color="grey", linestyle="--", label=f"target FPR {target_fpr:g}")
+    axes.set_xlim(1e-5, 1)  # limits first: a log axis over the default (0, 1) warns
+    axes.set_xscale("log")
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("false positive rate (log)")
+    axes.set_ylabel("true positive rate")
+    axes.set_title("Alert trade-off on the test split")
+    axes.legend(fontsize=8, loc="lower right")
+    axes.grid(alpha=0.3, which="both")
     return figure

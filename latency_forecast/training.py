@@ -55,12 +55,18 @@ class SeriesTensors:
     service_codes: torch.Tensor
     sequence_length: int
     horizon: int
+    breach: torch.Tensor | None = None  # (n_rows,) float32 1/0: latency at or above its threshold
 
     def batch(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows (batch, sequence_length, n_features), service codes and targets for these ends."""
         offsets = torch.arange(1 - self.sequence_length, 1, device=ends.device)
         windows = self.inputs[ends[:, None] + offsets]
         return windows, self.service_codes[ends], self.target[ends + self.horizon]
+
+    def breach_labels(self, ends: torch.Tensor) -> torch.Tensor:
+        """Whether the target minute t+H of each sample breached (multitask label)."""
+        assert self.breach is not None, "breach labels were not prepared"
+        return self.breach[ends + self.horizon]
 
 
 def gather_windows(inputs: np.ndarray, ends: np.ndarray, sequence_length: int) -> np.ndarray:
@@ -101,24 +107,50 @@ def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def predict(model: nn.Module, series: SeriesTensors, ends: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
-    """Model outputs (standardised log latency) for the samples ending at ``ends``, as float32."""
+def predict(
+    model: nn.Module, series: SeriesTensors, ends: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model outputs for the samples ending at ``ends``: the standardised log latency (float32)
+    and, for a multitask model, the breach probability (else None)."""
     model.eval()
     device = series.inputs.device
     ends_tensor = torch.as_tensor(ends, dtype=torch.int64, device=device)
-    outputs = [model(*series.batch(ends_tensor[i : i + batch_size])[:2]) for i in range(0, len(ends), batch_size)]
-    if not outputs:
-        return np.zeros(0, dtype=np.float32)
-    return torch.cat(outputs).float().cpu().numpy()
+    multitask = model.multitask
+    forecasts, probabilities = [], []
+    for i in range(0, len(ends), batch_size):
+        windows, services, _ = series.batch(ends_tensor[i : i + batch_size])
+        if multitask:
+            forecast, logit = model(windows, services, with_breach=True)
+            probabilities.append(torch.sigmoid(logit))
+        else:
+            forecast = model(windows, services)
+        forecasts.append(forecast)
+    if not forecasts:
+        return np.zeros(0, dtype=np.float32), (np.zeros(0, dtype=np.float32) if multitask else None)
+    probability = torch.cat(probabilities).float().cpu().numpy() if multitask else None
+    return torch.cat(forecasts).float().cpu().numpy(), probability
+
+
+def _batch_loss(
+    model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, multitask: bool
+) -> torch.Tensor:
+    """Regression loss, plus the weighted breach BCE for a multitask model."""
+    windows, services, target = series.batch(ends)
+    if not multitask:
+        return loss(model(windows, services), target)
+    forecast, logit = model(windows, services, with_breach=True)
+    pos_weight = torch.tensor(config.breach_pos_weight, device=logit.device)
+    breach_loss = F.binary_cross_entropy_with_logits(logit, series.breach_labels(ends), pos_weight=pos_weight)
+    return loss(forecast, target) + config.breach_loss_weight * breach_loss
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable) -> float:
+def _mean_loss(model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig) -> float:
     model.eval()
     total = torch.zeros((), device=series.inputs.device)
     for i in range(0, len(ends), PREDICT_BATCH_SIZE):
-        windows, services, target = series.batch(ends[i : i + PREDICT_BATCH_SIZE])
-        total += loss(model(windows, services), target) * len(target)
+        batch = ends[i : i + PREDICT_BATCH_SIZE]
+        total += _batch_loss(model, series, batch, loss, config, model.multitask) * len(batch)
     return float(total / max(len(ends), 1))
 
 
@@ -158,8 +190,7 @@ def fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if show else True, unit="batch")
         running = torch.zeros((), device=device)
         for step, i in enumerate(bar, start=1):
-            windows, services, target = series.batch(train_tensor[order[i : i + config.batch_size]])
-            batch_loss = loss(trainable(windows, services), target)
+            batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.multitask)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             if config.gradient_clip:
@@ -169,7 +200,7 @@ def fit(
             if show and step % 50 == 0:  # reading the loss syncs the device: not every step
                 bar.set_postfix(loss=f"{float(running) / step:.4f}")
         train_loss = float(running) / max(len(batches), 1)
-        validation_loss = _mean_loss(model, series, validation_tensor, loss)
+        validation_loss = _mean_loss(model, series, validation_tensor, loss, config)
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
         scheduler.step(validation_loss)

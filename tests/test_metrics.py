@@ -38,3 +38,48 @@ def test_threshold_per_sample_and_separate_alert_score():
     assert (per_service["true_positives"], per_service["false_positives"], per_service["true_negatives"]) == (0, 1, 2)
     scored = metrics.forecast_metrics(actual, forecast, 500.0, alert_threshold=0.5, alert_score=np.array([0.1, 0.9, 0.7]))
     assert (scored["true_positives"], scored["false_positives"]) == (1, 1)
+
+
+def test_calibration_picks_the_most_sensitive_threshold_within_the_target():
+    rng = np.random.default_rng(0)
+    breach = np.zeros(1000, dtype=bool)
+    breach[:50] = True
+    score = np.where(breach, rng.normal(2.0, 0.5, 1000), rng.normal(0.0, 1.0, 1000))
+    threshold = metrics.calibrate_threshold(score, breach, 0.01)
+    negatives = score[~breach]
+    assert np.mean(negatives >= threshold) <= 0.01
+    # one notch lower would break the target: it is the most sensitive such threshold
+    lower = np.sort(negatives)[::-1][int(0.01 * len(negatives))]
+    assert np.mean(negatives >= lower) > 0.01
+    assert metrics.calibrate_threshold(score[breach], breach[breach], 0.01) is None
+
+
+def test_calibration_with_ties_never_exceeds_the_target():
+    score = np.array([1.0] * 50 + [0.5] * 50)
+    breach = np.zeros(100, dtype=bool)
+    threshold = metrics.calibrate_threshold(score, breach, 0.3)
+    assert np.mean(score >= threshold) <= 0.3
+
+
+def test_episode_metrics_by_hand():
+    # service 0, minutes 0..19; breach episode at 10-12; alerts made for minutes 8 and 9..10 (fired at 8-H..)
+    horizon = 3
+    minutes = np.arange(20)
+    codes = np.zeros(20, dtype=int)
+    breach = np.isin(minutes, [10, 11, 12])
+    alert = np.isin(minutes, [10, 16, 17])  # the alert for minute 10 was fired at minute 7
+    result = metrics.episode_metrics(codes, minutes, breach, alert, horizon)
+    assert result["episodes"] == 1 and result["anticipated_episodes"] == 1
+    assert result["median_lead_minutes"] == 3.0  # fired at 7 for an episode starting at 10
+    assert result["alert_episodes"] == 2 and result["false_alarm_episodes"] == 1
+    late = metrics.episode_metrics(codes, minutes, breach, np.isin(minutes, [13]), horizon)
+    assert late["anticipated_episodes"] == 0, "an alert fired after the breach began does not anticipate it"
+    # a gap in minutes splits episodes; another service never merges with this one
+    two = metrics.episode_metrics(np.array([0, 0, 1, 1]), np.array([5, 7, 6, 7]), np.ones(4, bool), np.zeros(4, bool), horizon)
+    assert two["episodes"] == 3
+
+
+def test_ranking_metrics():
+    breach = np.array([0, 0, 1, 1], dtype=bool)
+    assert metrics.ranking_metrics(np.array([0.1, 0.2, 0.8, 0.9]), breach) == {"roc_auc": 1.0, "pr_auc": 1.0}
+    assert metrics.ranking_metrics(np.array([0.1, 0.2]), np.array([False, False])) == {"roc_auc": None, "pr_auc": None}

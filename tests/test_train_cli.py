@@ -22,6 +22,7 @@ def trained(tmp_path_factory, tiny_store):
 
 def test_writes_every_contract_artifact(trained):
     assert sorted(os.listdir(trained)) == [
+        "alert_tradeoff.png",
         "config.json",
         "forecast_vs_actual.png",
         "latency_forecaster.pt",

@@ -36,7 +36,7 @@ def test_fit_learns_and_is_reproducible():
         torch.manual_seed(config.seed)
         model = LatencyForecaster(3, 1, ModelConfig(hidden_size=8))
         history = training.fit(model, series, train, validation, config, progress=False)
-        results.append((history, training.predict(model, series, validation)))
+        results.append((history, training.predict(model, series, validation)[0]))
     (history, predictions), (history_again, predictions_again) = results
     assert [row["val_loss"] for row in history] == [row["val_loss"] for row in history_again]
     np.testing.assert_array_equal(predictions, predictions_again)
