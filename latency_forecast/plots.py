@@ -35,17 +35,18 @@ def forecast_vs_actual(panels: Sequence[dict], horizon: int) -> Figure:
     figure = Figure(figsize=(11, 2.8 * max(len(panels), 1)))
     axes_list = np.atleast_1d(figure.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0])
     for axes, panel in zip(axes_list, panels):
+        panel = _break_at_gaps(panel)
         times = pd.to_datetime(panel["minutes"])
         axes.plot(times, panel["actual"], color="black", linewidth=1.0, label="actual p99")
         axes.plot(times, panel["forecast"], color="tab:blue", linewidth=1.2, label=f"forecast (made {horizon} min earlier)")
         axes.plot(times, panel["persistence"], color="tab:orange", linewidth=0.8, alpha=0.7, linestyle="--", label="persistence baseline")
         threshold = panel["latency_threshold"]
         axes.axhline(threshold, color="tab:red", linestyle=":", label=f"threshold {threshold:g} ms")
-        breach = panel["actual"] >= threshold
+        breach = np.nan_to_num(panel["actual"]) >= threshold
         axes.scatter(times[breach], panel["actual"][breach], color="tab:red", s=10, zorder=3, label="breach")
         alert = panel["alert"]
         if alert.any():
-            low = max(np.nanmin(panel["actual"]) * 0.8, 0.1)
+            low = max(np.nanmin(panel["actual"]) * 0.8, 0.1)  # alert markers along the bottom
             axes.scatter(times[alert], np.full(alert.sum(), low), marker="^", color="tab:blue", s=12, label="alert")
         axes.set_yscale("log")
         axes.set_ylabel("p99 latency (ms)")
@@ -54,6 +55,19 @@ def forecast_vs_actual(panels: Sequence[dict], horizon: int) -> Figure:
     axes_list[0].legend(loc="upper left", fontsize=8, ncol=3)
     figure.autofmt_xdate()
     return figure
+
+
+def _break_at_gaps(panel: dict) -> dict:
+    """Insert a NaN row wherever minutes are missing, so lines are not drawn across gaps."""
+    minutes = np.asarray(panel["minutes"], dtype="datetime64[m]")
+    if len(minutes) < 2:
+        return panel
+    gaps = np.flatnonzero(np.diff(minutes).astype(np.int64) > 1) + 1
+    result = dict(panel, minutes=np.insert(minutes, gaps, minutes[gaps - 1] + np.timedelta64(1, "m")))
+    for key in ("actual", "forecast", "persistence"):
+        result[key] = np.insert(np.asarray(panel[key], dtype=np.float64), gaps, np.nan)
+    result["alert"] = np.insert(np.asarray(panel["alert"], dtype=bool), gaps, False)
+    return result
 
 
 def alert_tradeoff(curves: dict[str, tuple], points: dict[str, tuple], target_fpr: float | None) -> Figure:
