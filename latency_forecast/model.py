@@ -53,7 +53,7 @@ class LatencyForecaster(nn.Module):
             nn.Linear(config.hidden_size, 3 if config.multitask else 2),
         )
         self.multitask = config.multitask
-        with torch.no_grad():  # the absolute part starts negligible: e^(pooled - 4 sd)
+        with torch.no_grad():  # the absolute part starts small: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
         # target statistics (from training rows), so the head can mix the two parts
         self.register_buffer("location", torch.as_tensor(location if location is not None else [0.0] * n_services, dtype=torch.float32))

@@ -308,7 +308,9 @@ def generate(
         columns["cpu_rolling_avg"].append(_ema(cpu_now, 5))
         columns["mem_usage"].append(memory)
         columns["request_rate"].append(rate * np.exp(rng.normal(0.0, 0.02, n)))
-        columns["queue_depth"].append(backlog + rng.poisson(np.minimum(utilisation, 0.95) / (1 - np.minimum(utilisation, 0.95))))
+        # the pending-work queue: requests waiting for a worker, not those in service; it only
+        # grows when throughput falls below arrivals (a CPU hog slows service without tipping it)
+        columns["queue_depth"].append(backlog + rng.poisson(0.5, n))
         columns["error_rate"].append(np.clip(errors, 0.0, 1.0))
         columns["path_depth"].append(_path_depth(spec, fleet) + extra_hops + rng.normal(0.0, 0.03, n) * bool(spec.dependencies))
         columns["fan_out"].append(base_fan_out * fan_out_factor * (1 + rng.normal(0.0, 0.02, n) * bool(spec.dependencies)))
