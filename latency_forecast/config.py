@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -240,6 +241,58 @@ def latency_thresholds(data_config: DataConfig) -> LatencyThresholds:
         values[str(name)] = float(value)
     default = values.pop("default", data_config.latency_threshold)
     return LatencyThresholds(default, values)
+
+
+MINUTES_PER_DAY = 1440
+
+
+@dataclass
+class BacktestConfig:
+    """Walk-forward folds (backtest.py)."""
+
+    train_window_days: float = _setting(
+        21.0,
+        "days each fold learns from; its last --validation-fraction (after an embargo) is kept for early stopping",
+    )
+    val_window_days: float = _setting(
+        7.0, "days each fold is judged on, right after its training window; the first --embargo-minutes are skipped"
+    )
+    step_days: float | None = _setting(
+        None, "days between consecutive folds; default: --val-window-days, so validation windows tile the data"
+    )
+    window_mode: str = _setting(
+        "sliding",
+        "sliding: every fold trains on the last --train-window-days; expanding: on everything from the start of the data",
+        choices=("sliding", "expanding"),
+    )
+    jobs: int = _setting(
+        1, "folds trained at once, each in its own process with --num-threads torch threads (0: the cores divided by --jobs)"
+    )
+    output: str = _setting("artifacts/backtest.json", "path of backtest.json; backtest.png is written beside it")
+    quiet: bool = _setting(False, "no per-fold progress lines; the summary is still printed")
+
+    def __post_init__(self) -> None:
+        for name in ("train_window_days", "val_window_days", "step_days"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _require(
+                math.isfinite(value) and round(value * MINUTES_PER_DAY) >= 1,
+                f"--{_flag(name)} must be positive (at least one minute), got {value}",
+            )
+        _require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
+
+    @property
+    def train_window_minutes(self) -> int:
+        return round(self.train_window_days * MINUTES_PER_DAY)
+
+    @property
+    def val_window_minutes(self) -> int:
+        return round(self.val_window_days * MINUTES_PER_DAY)
+
+    @property
+    def step_minutes(self) -> int:
+        return self.val_window_minutes if self.step_days is None else round(self.step_days * MINUTES_PER_DAY)
 
 
 def _require(condition: bool, message: str) -> None:

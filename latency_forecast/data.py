@@ -555,3 +555,23 @@ def _robust_location_scale(values: np.ndarray) -> tuple[float, float]:
 def rows_in(table: SeriesTable, time_range: TimeRange) -> np.ndarray:
     """Boolean mask of the rows whose minute lies in the range."""
     return (table.minutes >= time_range.start) & (table.minutes < time_range.end)
+
+
+def table_in(table: SeriesTable, time_range: TimeRange) -> SeriesTable:
+    """The rows whose minute lies in the range, as a table of their own.
+
+    Services with no row in the range are dropped and the rest re-coded, so the result is the
+    table :func:`load_feature_store` returns for that range: nothing outside it, not even a
+    service name, reaches whoever is handed it.
+    """
+    rows = rows_in(table, time_range)
+    codes = table.service_codes[rows]
+    present = np.unique(codes)
+    return SeriesTable(
+        minutes=table.minutes[rows],
+        service_codes=np.searchsorted(present, codes).astype(np.int32),
+        services=[table.services[code] for code in present],
+        features=table.features[rows],
+        target=table.target[rows],
+        feature_columns=list(table.feature_columns),
+    )

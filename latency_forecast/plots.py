@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 
 def loss_curve(history: Sequence[dict]) -> Figure:
@@ -94,4 +95,37 @@ def alert_tradeoff(curves: dict[str, tuple], points: dict[str, tuple], target_fp
     axes.set_title("Alert trade-off on the test split")
     axes.legend(fontsize=8, loc="lower right")
     axes.grid(alpha=0.3, which="both")
+    return figure
+
+
+def backtest_folds(folds: Sequence[dict]) -> Figure:
+    """Per fold (backtest.json entries): MAE, breach TPR and FPR of the model and of persistence."""
+    figure = Figure(figsize=(max(7, 1.4 * len(folds) + 3), 8))
+    mae_axes, tpr_axes, fpr_axes = figure.subplots(3, 1, sharex=True)
+    x = np.arange(len(folds))
+    labels = [f"fold {fold['fold']}\n{fold['val_start'][:10]}\n{fold['val_end'][:10]}" for fold in folds]
+
+    def values(source: str, key: str) -> np.ndarray:
+        return np.array([np.nan if fold[source][key] is None else fold[source][key] for fold in folds], dtype=float)
+
+    width = 0.38
+    sources = (("metrics", "tab:blue", "model"), ("baseline", "tab:orange", "persistence"))
+    for offset, (source, color, name) in zip((-width / 2, width / 2), sources):
+        mae_axes.bar(x + offset, values(source, "mae"), width, color=color, label=name)
+        tpr_axes.plot(x, values(source, "true_positive_rate"), marker="o", color=color, label=name)
+        fpr_axes.plot(x, values(source, "false_positive_rate"), marker="s", color=color, label=name)
+    mae_axes.set_ylabel("MAE (ms)")
+    mae_axes.set_title("Walk-forward backtest: each fold judged on the window after its training")
+    highest = np.nanmax(np.concatenate([values("metrics", "mae"), values("baseline", "mae"), [1.0]]))
+    mae_axes.set_ylim(0, 1.3 * highest)  # room for the legend above the bars
+    mae_axes.legend(loc="upper center", ncol=2)
+    tpr_axes.set_ylabel("breach TPR")
+    tpr_axes.set_ylim(-0.02, 1.02)
+    fpr_axes.set_ylabel("false positive rate")
+    fpr_axes.set_ylim(bottom=0)
+    fpr_axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    fpr_axes.set_xticks(x, labels)
+    fpr_axes.set_xlabel("validation window")
+    for axes in (mae_axes, tpr_axes, fpr_axes):
+        axes.grid(alpha=0.3, axis="y")
     return figure

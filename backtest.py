@@ -1,0 +1,140 @@
+"""Walk-forward backtest: a fresh forecaster per fold, trained on the past, judged on the window after it.
+
+Example:
+    python backtest.py --feature-store-path feature_store \
+        --train-window-days 21 --val-window-days 7 --output artifacts/backtest.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Sequence
+
+from latency_forecast import artifacts, backtesting, config, data, plots
+from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, StoreConfig, TrainingConfig
+from latency_forecast.errors import UserError, cli_entrypoint
+
+
+def build_parser() -> config.ArgumentParser:
+    return config.build_parser(
+        prog="backtest.py",
+        description=__doc__,
+        parents=[config.parent_parser(StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BacktestConfig)],
+    )
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _progress_line(result: backtesting.FoldResult, n_folds: int) -> str:
+    fold, model, baseline = result.fold, result.metrics, result.baseline
+    return (
+        f"fold {fold.number}/{n_folds}  train {data.format_minute(fold.train.start)} .. {data.format_minute(fold.train.end)}  "
+        f"val {data.format_minute(fold.validation.start)} .. {data.format_minute(fold.validation.end)}  "
+        f"MAE {model['mae']:.1f} ms (persistence {baseline['mae']:.1f})  "
+        f"FPR {_rate(model['false_positive_rate'])}  TPR {_rate(model['true_positive_rate'])}  {result.seconds:.0f}s"
+    )
+
+
+def _output_paths(output: str) -> tuple[str, str, str]:
+    """(directory, JSON name, PNG name) of ``--output``; the figure sits beside the JSON."""
+    if os.path.isdir(output) or output.endswith(os.sep):
+        raise UserError(f"--output {output} is a directory; name the file, e.g. {os.path.join(output, 'backtest.json')}")
+    directory, name = os.path.split(os.path.abspath(output))
+    return directory, name, os.path.splitext(name)[0] + ".png"
+
+
+@cli_entrypoint
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = config.from_args(StoreConfig, args)
+    data_config = config.from_args(DataConfig, args)
+    model_config = config.from_args(ModelConfig, args)
+    training_config = config.from_args(TrainingConfig, args)
+    backtest_config = config.from_args(BacktestConfig, args)
+    alert_config = config.from_args(AlertConfig, args)
+    thresholds = config.latency_thresholds(data_config)
+    directory, json_name, figure_name = _output_paths(backtest_config.output)
+    log = (lambda message: None) if backtest_config.quiet else print
+    started = time.perf_counter()
+
+    table = data.load_feature_store(
+        store.feature_store_path,
+        data_config.feature_columns,
+        data.parse_timestamp(store.start_ts, "--start-ts"),
+        data.parse_timestamp(store.end_ts, "--end-ts"),
+    )
+    span = backtesting.data_span(table)
+    folds = backtesting.plan_folds(span, backtest_config, data_config)
+    backtesting.check_folds(table, folds, data_config)
+    jobs = min(backtest_config.jobs, len(folds))
+    threads = backtesting.threads_per_fold(jobs, training_config.num_threads)
+    log(
+        f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features, "
+        f"{data.format_minute(span.start)} to {data.format_minute(span.end)}"
+    )
+    log(
+        f"{len(folds)} {backtest_config.window_mode} folds, {jobs} at a time with {threads} torch thread(s) each; "
+        f"embargo {data_config.embargo} minutes"
+    )
+    results = backtesting.run_backtest(
+        table, folds, data_config, model_config, training_config, jobs, threads,
+        on_result=lambda result: log(_progress_line(result, len(folds))),
+        alert_config=alert_config,
+        latency_thresholds=thresholds,
+    )
+    settings = {
+        "store": config.to_dict(store),
+        "data": config.to_dict(data_config),
+        "model": config.to_dict(model_config),
+        "training": config.to_dict(training_config),
+        "alert": config.to_dict(alert_config),
+        "latency_thresholds": thresholds.as_dict(),
+        "backtest": config.to_dict(backtest_config),
+        "resolved": {
+            "data_start": data.format_minute(span.start),
+            "data_end": data.format_minute(span.end),
+            "embargo_minutes": data_config.embargo,
+            "step_days": backtest_config.step_minutes / config.MINUTES_PER_DAY,
+            "jobs": jobs,
+            "threads_per_fold": threads,
+        },
+    }
+    report = backtesting.report(results, settings)
+    with artifacts.staged(directory) as stage:
+        stage.write_json(json_name, report)
+        stage.save_figure(figure_name, plots.backtest_folds(report["folds"]))
+    _print_summary(report, os.path.join(directory, json_name), time.perf_counter() - started)
+    return 0
+
+
+def _print_summary(report: dict, path: str, seconds: float) -> None:
+    print(f"\n{len(report['folds'])} folds written to {path} in {seconds:.0f}s")
+    print(f"{'fold':<6}{'validation window':<44}{'MAE model':>10}{'persist.':>10}{'ratio':>7}{'FPR':>8}{'TPR':>8}")
+    for fold in report["folds"]:
+        model, baseline = fold["metrics"], fold["baseline"]
+        ratio = f"{model['mae'] / baseline['mae']:.2f}" if baseline["mae"] else "n/a"
+        print(
+            f"{fold['fold']:<6}{fold['val_start'] + ' .. ' + fold['val_end']:<44}{model['mae']:>10.1f}{baseline['mae']:>10.1f}"
+            f"{ratio:>7}{_rate(model['false_positive_rate']):>8}{_rate(model['true_positive_rate']):>8}"
+        )
+    summary, baseline = report["summary"], report["baseline_summary"]
+
+    def spread(block: dict, percent: bool = False) -> str:
+        if block["mean"] is None:
+            return "n/a"
+        scale, unit = (100, "%") if percent else (1, "")
+        std = "" if block["std"] is None else f" ± {block['std'] * scale:.1f}{unit}"
+        return f"{block['mean'] * scale:.1f}{unit}{std}"
+
+    print(f"mean ± std over folds: MAE {spread(summary['mae'])} ms (persistence {spread(baseline['mae'])}), "
+          f"FPR {spread(summary['false_positive_rate'], True)}, TPR {spread(summary['true_positive_rate'], True)}")
+    beaten = sum(1 for fold in report["folds"] if fold["metrics"]["mae"] < fold["baseline"]["mae"])
+    print(f"the model beat persistence on MAE in {beaten} of {len(report['folds'])} folds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Walk-forward backtesting: fold arithmetic (pure functions of the data span and the settings),
+and a runner that gives every fold a fresh scaler and model, fitted on that fold's past only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from latency_forecast import data, pipeline
+from latency_forecast.config import (
+    MINUTES_PER_DAY,
+    AlertConfig,
+    BacktestConfig,
+    DataConfig,
+    LatencyThresholds,
+    ModelConfig,
+    TrainingConfig,
+)
+from latency_forecast.data import SeriesTable, TimeRange
+from latency_forecast.errors import UserError
+from latency_forecast.metrics import METRIC_KEYS
+
+# ---------------------------------------------------------------------------------------------
+# Fold arithmetic
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One walk-forward fold; every range is half-open, in minutes since the epoch.
+
+    ``train`` is every minute the fold may learn from. It is cut in two, with an embargo
+    between: ``fit`` (scaler, target statistics and weights) and ``early_stopping`` (the last
+    ``--validation-fraction`` of it). ``validation`` starts an embargo after ``train`` ends.
+    """
+
+    number: int  # 1-based
+    train: TimeRange
+    fit: TimeRange
+    early_stopping: TimeRange
+    validation: TimeRange
+
+
+def data_span(table: SeriesTable) -> TimeRange:
+    """The minutes the table covers: its first minute to one past its last."""
+    return TimeRange(int(table.minutes.min()), int(table.minutes.max()) + 1)
+
+
+def _days(minutes: int) -> str:
+    return f"{minutes / MINUTES_PER_DAY:.4g} days"
+
+
+def early_stopping_split(train: TimeRange, data_config: DataConfig) -> tuple[TimeRange, TimeRange]:
+    """``train`` as (fit, early_stopping): the last ``validation_fraction`` of it, after an embargo,
+    is for early stopping, exactly as train.py carves its validation split from the store."""
+    length = train.end - train.start
+    cut = train.end - round(length * data_config.validation_fraction)
+    fit = TimeRange(train.start, cut)
+    stop = TimeRange(cut + data_config.embargo, train.end)
+    shortest = min(fit.end - fit.start, stop.end - stop.start)
+    if shortest < data_config.window_minutes:
+        raise UserError(
+            f"a {_days(length)} training window leaves {fit.end - fit.start} minutes to fit on and "
+            f"{max(stop.end - stop.start, 0)} for early stopping (its last --validation-fraction "
+            f"{data_config.validation_fraction:g}, after a {data_config.embargo}-minute embargo); each needs at least "
+            f"sequence length + horizon = {data_config.window_minutes} minutes; lengthen --train-window-days"
+        )
+    return fit, stop
+
+
+def plan_folds(span: TimeRange, backtest_config: BacktestConfig, data_config: DataConfig) -> list[Fold]:
+    """The folds that fit in ``span``, oldest first.
+
+    Fold k (from 0) trains on ``[train_end - train, train_end)`` (sliding) or
+    ``[span.start, train_end)`` (expanding), with ``train_end = span.start + train + k * step``,
+    and is validated on ``[train_end + embargo, train_end + validation)``. Folds are added while
+    the validation window ends within the span; a tail shorter than a step is not validated on.
+
+    Raises
+    ------
+    UserError : when not even one fold fits, or a window is too short to hold one sample.
+    """
+    train, validation, step = (
+        backtest_config.train_window_minutes,
+        backtest_config.val_window_minutes,
+        backtest_config.step_minutes,
+    )
+    embargo, window = data_config.embargo, data_config.window_minutes
+    if validation < embargo + window:
+        raise UserError(
+            f"--val-window-days {backtest_config.val_window_days:g} is {validation} minutes: after the "
+            f"{embargo}-minute embargo no complete sample fits; it must be at least embargo + sequence length + "
+            f"horizon = {embargo + window} minutes"
+        )
+    found, needed = span.end - span.start, train + validation
+    if found < needed:
+        raise UserError(
+            f"the data spans {_days(found)} ({data.format_minute(span.start)} to {data.format_minute(span.end)}) but one "
+            f"fold needs --train-window-days + --val-window-days = {_days(needed)}; shorten the windows or use a longer store"
+        )
+    folds = []
+    for k in range((found - needed) // step + 1):
+        train_end = span.start + train + k * step
+        train_range = TimeRange(span.start if backtest_config.window_mode == "expanding" else train_end - train, train_end)
+        fit, stop = early_stopping_split(train_range, data_config)
+        folds.append(Fold(k + 1, train_range, fit, stop, TimeRange(train_end + embargo, train_end + validation)))
+    return folds
+
+
+def check_folds(table: SeriesTable, folds: Sequence[Fold], data_config: DataConfig) -> None:
+    """Fail before any training when a fold's fit, early-stopping or validation range holds no sample."""
+    L, H = data_config.sequence_length, data_config.horizon
+    ends, _ = data.window_ends(table, L, H)
+    for fold in folds:
+        for what, time_range in (("training", fold.fit), ("early-stopping", fold.early_stopping), ("validation", fold.validation)):
+            samples = data.samples_in(ends, table, time_range, L, H)
+            pipeline.require_samples(samples, f"fold {fold.number} {what}", time_range, data_config)
+
+
+def threads_per_fold(jobs: int, num_threads: int, cores: int | None = None) -> int:
+    """Torch threads for each fold's process: ``--num-threads`` if set, else the cores shared out."""
+    if num_threads:
+        return num_threads
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One fold
+
+
+@dataclass
+class FoldTask:
+    """Everything one fold needs, picklable for a worker process.
+
+    ``table`` holds the rows of ``[fold.train.start, fold.validation.end)`` only.
+    """
+
+    fold: Fold
+    table: SeriesTable
+    data_config: DataConfig
+    model_config: ModelConfig
+    training_config: TrainingConfig
+    alert_config: AlertConfig
+    latency_thresholds: LatencyThresholds
+
+
+@dataclass
+class FoldResult:
+    fold: Fold
+    metrics: dict
+    baseline: dict  # persistence, on exactly the same samples
+    operating_point: dict  # alert rule calibrated on the fold's early-stopping slice, with its FPRs
+    alerting: dict  # ROC/PR-AUC and episodes on the validation window, model and persistence
+    samples: dict[str, int]
+    history: list[dict]
+    unforecast_services: list[str]  # in the validation window but absent from the fold's training rows
+    seconds: float
+
+    def as_dict(self) -> dict:
+        """The fold's entry in backtest.json."""
+        best = min(self.history, key=lambda row: row["val_loss"])
+        return {
+            "fold": self.fold.number,
+            "train_start": data.format_minute(self.fold.train.start),
+            "train_end": data.format_minute(self.fold.train.end),
+            "val_start": data.format_minute(self.fold.validation.start),
+            "val_end": data.format_minute(self.fold.validation.end),
+            "metrics": self.metrics,
+            "baseline": self.baseline,
+            "operating_point": self.operating_point,
+            "alerting": self.alerting,
+            "fit_end": data.format_minute(self.fold.fit.end),
+            "early_stopping_start": data.format_minute(self.fold.early_stopping.start),
+            "samples": self.samples,
+            "epochs": len(self.history),
+            "best_epoch": best["epoch"],
+            "unforecast_services": self.unforecast_services,
+            "seconds": self.seconds,
+        }
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def train_fold(task: FoldTask) -> tuple[pipeline.Forecaster, list[dict], dict[str, int], dict]:
+    """A fresh scaler, target normaliser and seeded model, trained on the fold's training rows,
+    and its alert threshold calibrated on the fold's early-stopping slice.
+
+    Only the rows of ``fold.train`` are handed on: nothing at or after ``fold.train.end``
+    (not a value, not a service name) can reach the fitted state or the alert threshold.
+
+    Returns the forecaster, its per-epoch history, the sample counts of fit and early stopping,
+    and the operating point (the calibration and its early-stopping FPR).
+    """
+    fold, data_config = task.fold, task.data_config
+    train_table = data.table_in(task.table, fold.train)
+    forecaster, prepared, history = pipeline.fit_forecaster(
+        train_table, fold.fit, fold.early_stopping, data_config, task.model_config, task.training_config,
+        progress=False, log=_silent, latency_thresholds=task.latency_thresholds,
+    )
+    L, H = data_config.sequence_length, data_config.horizon
+    stop_ends = data.samples_in(prepared.ends, train_table, fold.early_stopping, L, H)
+    stopping = pipeline.evaluate(forecaster, prepared, stop_ends)
+    calibration = pipeline.calibrate(forecaster, stopping, train_table, task.alert_config)
+    calibrated = stopping.with_alert_rule(forecaster.alert, train_table.services)
+    samples = {"fit": len(data.samples_in(prepared.ends, train_table, fold.fit, L, H)), "early_stopping": len(stop_ends)}
+    return forecaster, history, samples, {**calibration, "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]}
+
+
+def run_fold(task: FoldTask) -> FoldResult:
+    """Train the fold's forecaster, then judge it and persistence on its validation window."""
+    started = time.perf_counter()
+    fold, data_config = task.fold, task.data_config
+    forecaster, history, samples, operating_point = train_fold(task)
+    validation_table = data.table_in(task.table, fold.validation)
+    prepared = pipeline.prepare(validation_table, forecaster, inplace=True)
+    ends = data.samples_in(prepared.ends, validation_table, fold.validation, data_config.sequence_length, data_config.horizon)
+    pipeline.require_samples(ends, f"fold {fold.number} validation", fold.validation, data_config)
+    evaluation = pipeline.evaluate(forecaster, prepared, ends)
+    operating_point["validation_false_positive_rate"] = evaluation.model_metrics["false_positive_rate"]
+    return FoldResult(
+        fold,
+        evaluation.model_metrics,
+        evaluation.persistence_metrics,
+        operating_point,
+        pipeline.alerting_report(evaluation, data_config.horizon, {"persistence": 1.0}),
+        {**samples, "validation": int(len(ends))},
+        history,
+        prepared.unknown_services,
+        time.perf_counter() - started,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# All folds
+
+
+def _tasks(table: SeriesTable, folds: Sequence[Fold], settings: FoldTask) -> Iterator[FoldTask]:
+    """One task per fold, built lazily: each copies only its own rows out of the table."""
+    for fold in folds:
+        rows = data.table_in(table, TimeRange(fold.train.start, fold.validation.end))
+        yield dataclasses.replace(settings, fold=fold, table=rows)
+
+
+def run_backtest(
+    table: SeriesTable,
+    folds: Sequence[Fold],
+    data_config: DataConfig,
+    model_config: ModelConfig,
+    training_config: TrainingConfig,
+    jobs: int = 1,
+    threads: int = 0,
+    on_result: Callable[[FoldResult], None] = lambda result: None,
+    alert_config: AlertConfig | None = None,
+    latency_thresholds: LatencyThresholds | None = None,
+) -> list[FoldResult]:
+    """Run every fold; ``jobs`` > 1 runs them in that many worker processes.
+
+    Each fold sets ``threads`` torch threads (0 keeps torch's default) and seeds its model with
+    ``training_config.seed``, so a fold's result does not depend on which process ran it or
+    when. ``on_result`` is called as each fold finishes; the results come back in fold order.
+    """
+    settings = FoldTask(
+        folds[0],
+        table,
+        data_config,
+        model_config,
+        dataclasses.replace(training_config, num_threads=threads),
+        alert_config or AlertConfig(),
+        latency_thresholds or LatencyThresholds(data_config.latency_threshold),
+    )
+    tasks = _tasks(table, folds, settings)
+    results = []
+    if jobs <= 1:
+        for task in tasks:
+            results.append(run_fold(task))
+            on_result(results[-1])
+        return results
+    # spawn, not fork: the parent has pyarrow's and torch's thread pools running
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: set[Future] = set()
+
+        def submit_next() -> None:
+            task = next(tasks, None)
+            if task is not None:  # at most `jobs` tasks (and their rows) are in flight
+                pending.add(pool.submit(run_fold, task))
+
+        for _ in range(jobs):
+            submit_next()
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    pending.discard(future)
+                    results.append(future.result())  # re-raises a worker's UserError here
+                    on_result(results[-1])
+                    submit_next()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return sorted(results, key=lambda result: result.fold.number)
+
+
+def summarize(blocks: Sequence[dict]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation of each metric across folds (``{metric: {"mean", "std"}}``).
+
+    Folds where a rate is null (no denominator) are left out of that rate; std is null with
+    fewer than two values.
+    """
+    summary = {}
+    for key in METRIC_KEYS:
+        values = np.array([block[key] for block in blocks if block[key] is not None], dtype=np.float64)
+        summary[key] = {
+            "mean": float(values.mean()) if len(values) else None,
+            "std": float(values.std(ddof=1)) if len(values) >= 2 else None,
+        }
+    return summary
+
+
+def report(results: Sequence[FoldResult], settings: dict) -> dict:
+    """backtest.json: ``{"config", "folds", "summary"}`` (contract section 4), plus the
+    persistence baseline's summary beside the model's."""
+    return {
+        "config": settings,
+        "folds": [result.as_dict() for result in results],
+        "summary": summarize([result.metrics for result in results]),
+        "baseline_summary": summarize([result.baseline for result in results]),
+    }
