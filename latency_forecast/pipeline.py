@@ -226,3 +226,20 @@ def per_service(evaluation: Evaluation, table: SeriesTable, threshold: float) ->
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def alerts(forecaster: Forecaster, forecast: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
+    """(n_samples,) bool: the alert decision for forecasts (ms) of the model's services.
+
+    The one place where a forecast becomes an alert, so a calibrated or per-service threshold
+    saved with the model replaces it everywhere at once. Today: the forecast reaches the
+    latency threshold.
+    """
+    del service_codes  # the threshold is one number for every service today
+    return np.asarray(forecast) >= forecaster.data_config.latency_threshold
+
+
+def breaches(forecaster: Forecaster, actual: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
+    """(n_samples,) bool: which observed latencies (ms) breach the SLO of their service."""
+    del service_codes
+    return np.asarray(actual) >= forecaster.data_config.latency_threshold
