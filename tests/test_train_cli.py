@@ -23,6 +23,8 @@ def trained(tmp_path_factory, tiny_store):
 def test_writes_every_contract_artifact(trained):
     assert sorted(os.listdir(trained)) == [
         "config.json",
+        "feature_importance.json",
+        "feature_importance.png",
         "forecast_vs_actual.png",
         "latency_forecaster.pt",
         "loss_curve.png",
