@@ -164,7 +164,7 @@ def forecast_windows(model: torch.nn.Module, normalizer, windows: torch.Tensor, 
 def null_features(windows: np.ndarray, background: np.ndarray) -> np.ndarray:
     """(n_features,) bool: features whose values are the same in every window and every
     background window at every time step. Masking them changes nothing, so their Shapley value
-    is exactly 0 and they can leave the game (a constant column halves the cost per feature)."""
+    is exactly 0 and they leave the game; each one halves the number of coalitions."""
     reference = background[:1]
     same = (background == reference).all(axis=(0, 1)) & (windows == reference).all(axis=(0, 1))
     return same

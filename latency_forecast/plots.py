@@ -6,7 +6,9 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 
 def loss_curve(history: Sequence[dict]) -> Figure:
@@ -84,7 +86,9 @@ def causality_events(events: Sequence[dict], feature_columns: Sequence[str]) -> 
         axes.text(0.5, 0.5, "no true-positive event to explain in this range", ha="center", va="center", transform=axes.transAxes)
         axes.set_axis_off()
         return figure
-    colours = {name: f"C{i % 10}" for i, name in enumerate(feature_columns)}
+    palette = colormaps["tab10" if len(feature_columns) <= 10 else "tab20"]
+    colours = {name: palette(i % palette.N) for i, name in enumerate(feature_columns)}
+    highest = lowest = 0.0
     for x, event in enumerate(events):
         up = down = 0.0
         for name in feature_columns:
@@ -99,14 +103,16 @@ def causality_events(events: Sequence[dict], feature_columns: Sequence[str]) -> 
                 up += value
             else:
                 down += value
+        highest, lowest = max(highest, up), min(lowest, down)
         if event["cause"]:
             axes.annotate(f"{event['fault']}\n({event['cause']})", (x, up), ha="center", va="bottom", fontsize=6.5)
     axes.axhline(0, color="black", linewidth=0.8)
-    axes.margins(y=0.15)  # room for the fault labels above the bars
+    span = max(highest - lowest, 1e-9)
+    axes.set_ylim(lowest - 0.05 * span, highest + 0.18 * span)  # room for the fault labels above the bars
     axes.set_xticks(range(len(events)), [event["label"] for event in events], fontsize=7)
     axes.set_ylabel("Shapley value of the forecast (ms)")
     axes.set_title("Why each predicted breach was predicted (hatched: the injected root cause)")
-    handles = [axes.bar(0, 0, color=colours[name], label=name) for name in feature_columns]
+    handles = [Patch(color=colours[name], label=name) for name in feature_columns]
     axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes.grid(alpha=0.3, axis="y")
     return figure

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from latency_forecast import causality, data
-from latency_forecast.causality import Fault, FaultCase, Forecasts
+from latency_forecast.causality import Fault, Forecasts
 from latency_forecast.errors import UserError
 
 T0 = data.to_minute(data.parse_timestamp("2024-05-01T10:00:00Z", ""))
