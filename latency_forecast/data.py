@@ -231,7 +231,8 @@ def load_feature_store(
     partition_keys = _partition_keys(root, files)
     features = resolve_feature_columns(schema, feature_columns, exclude=sorted(partition_keys))
 
-    columns = [TIMESTAMP_COLUMN, SERVICE_COLUMN, *features, TARGET_COLUMN]
+    # the target may also be a feature (its own history): read it once
+    columns = list(dict.fromkeys([TIMESTAMP_COLUMN, SERVICE_COLUMN, *features, TARGET_COLUMN]))
     try:
         table = dataset.to_table(columns=columns, filter=_time_filter(dataset, partition_keys, start, end))
     except (pa.ArrowException, OSError) as error:
