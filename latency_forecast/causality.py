@@ -177,7 +177,7 @@ def match_faults(
         elif cause == TARGET_COLUMN:
             case.reason = f"the root cause is {TARGET_COLUMN} itself, which is never ranked as a cause"
         elif cause not in rankable:
-            case.reason = f"root cause {cause!r} is not an input of the model (inputs: {', '.join(rankable)})"
+            case.reason = f"root cause {cause!r} is not an input of the model (inputs that can be causes: {', '.join(rankable)})"
         elif fault.service not in model_services:
             case.reason = f"service {fault.service!r} was not in the model's training data, so it is not forecast"
         else:
