@@ -1,4 +1,4 @@
-"""Explain predicted latency breaches: which feature drove each true-positive alert, scored
+r"""Explain predicted latency breaches: which feature drove each true-positive alert, scored
 against the injected root causes of a chaos run when a manifest is given.
 
 Example:
