@@ -14,8 +14,17 @@ from typing import Sequence
 
 import numpy as np
 
-from latency_forecast import artifacts, config, data, metrics, pipeline, plots
-from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, OutputConfig, StoreConfig, TrainingConfig
+from latency_forecast import artifacts, config, data, explain, metrics, pipeline, plots
+from latency_forecast.config import (
+    AlertConfig,
+    DataConfig,
+    ExplainConfig,
+    ImportanceConfig,
+    ModelConfig,
+    OutputConfig,
+    StoreConfig,
+    TrainingConfig,
+)
 from latency_forecast.errors import cli_entrypoint
 
 
@@ -23,7 +32,11 @@ def build_parser() -> config.ArgumentParser:
     return config.build_parser(
         prog="train.py",
         description=__doc__,
-        parents=[config.parent_parser(StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, OutputConfig)],
+        parents=[
+            config.parent_parser(
+                StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, ImportanceConfig, ExplainConfig, OutputConfig
+            )
+        ],
     )
 
 
@@ -63,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_config = config.from_args(ModelConfig, args)
     training_config = config.from_args(TrainingConfig, args)
     alert_config = config.from_args(AlertConfig, args)
+    importance_config = config.from_args(ImportanceConfig, args)
+    explain_config = config.from_args(ExplainConfig, args)
     output = config.from_args(OutputConfig, args)
     thresholds = config.latency_thresholds(data_config)
     log = (lambda message: None) if output.quiet else print
@@ -125,16 +140,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     settings = {"store": config.to_dict(store), **forecaster.settings, "alert": config.to_dict(alert_config)}
     forecaster.settings = settings
+    background = explain.build_background(
+        prepared.tensors, split_ends["train"], len(forecaster.services), importance_config.background_size, training_config.seed
+    )
+    importance = None
+    if importance_config.shap_samples:
+        explain_started = time.perf_counter()
+        importance = explain.feature_importance(
+            forecaster, prepared, validation.ends, validation.alert, background,
+            importance_config.shap_samples, explain_config, training_config.seed,
+        )
+        log(f"explained {importance['n_windows']} validation windows in {time.perf_counter() - explain_started:.1f}s")
+    checkpoint = forecaster.checkpoint()
+    checkpoint["explain_background"] = background.state()  # analyze_causality.py explains against it
     with artifacts.staged(output.output_dir) as stage:
-        stage.save_torch("latency_forecaster.pt", forecaster.checkpoint())
+        stage.save_torch("latency_forecaster.pt", checkpoint)
         stage.save_torch("scaler.pt", forecaster.scaler.state(table.feature_columns))
         stage.write_json("metrics.json", report)
         stage.write_json("training_history.json", history)
-        stage.write_json("config.json", settings)
+        stage.write_json("config.json", {**settings, "importance": config.to_dict(importance_config), "explain": config.to_dict(explain_config)})
+        if importance is not None:
+            stage.write_json("feature_importance.json", importance)
+            stage.save_figure("feature_importance.png", plots.feature_importance(importance))
         stage.save_figure("loss_curve.png", plots.loss_curve(history))
         stage.save_figure("forecast_vs_actual.png", plots.forecast_vs_actual(_forecast_panels(test, table, H), H))
         stage.save_figure("alert_tradeoff.png", _tradeoff_figure(test, report["alerting"]["test"], alert_config.target_fpr))
     _print_summary(report, output.output_dir, time.perf_counter() - started)
+    if importance is not None:
+        shares = sorted(importance["normalized"].items(), key=lambda item: -item[1])[:3]
+        print("top features (share of mean |SHAP|): " + ", ".join(f"{name} {share:.0%}" for name, share in shares))
     return 0
 
 

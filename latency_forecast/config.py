@@ -188,6 +188,69 @@ class AlertConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """Shapley attributions (one player per feature, over all the window's minutes)."""
+
+    max_exact_features: int = _setting(
+        14,
+        "explain exactly, with all 2^F coalitions of the F features, up to this many features; "
+        "above it, coalitions are sampled (--coalition-samples) and the output's method says so",
+    )
+    coalition_samples: int = _setting(
+        2048, "coalitions evaluated per window when there are more than --max-exact-features features"
+    )
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.max_exact_features <= 20, "--max-exact-features must be between 1 and 20 (2^20 coalitions)")
+        _require(self.coalition_samples >= 16, "--coalition-samples must be at least 16")
+
+
+@dataclass
+class ImportanceConfig:
+    """Feature importance written after training (feature_importance.json)."""
+
+    shap_samples: int = _setting(
+        200,
+        "validation windows to explain for feature_importance.json, stratified so that predicted "
+        "breaches are included; 0 skips the explanation",
+    )
+    background_size: int = _setting(
+        10,
+        "background windows per service: a weighted k-means summary of that service's training "
+        "windows, saved in the checkpoint; each explained window costs 2^F x this many model evaluations",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.shap_samples >= 0, "--shap-samples must be 0 (skip) or more")
+        _require(self.background_size >= 1, "--background-size must be at least 1")
+
+
+@dataclass
+class CausalityConfig:
+    """Which model, which faults, what to write (analyze_causality.py)."""
+
+    model_checkpoint: str = _setting("artifacts/latency_forecaster.pt", "checkpoint written by train.py")
+    scaler_path: str = _setting("artifacts/scaler.pt", "scaler.pt written beside the checkpoint")
+    chaos_manifest: str | None = _setting(
+        None, "chaos manifest (JSON list of injected faults) to score the explanations against; default: no scoring"
+    )
+    max_samples: int = _setting(10, "true-positive events to explain and report (faults of the manifest are all scored)")
+    event_order: str = _setting(
+        "earliest",
+        "which events are explained when there are more than --max-samples: the earliest, or the "
+        "highest predicted latency",
+        choices=("earliest", "predicted"),
+    )
+    output: str = _setting(
+        "artifacts/causality_report.json", "report path; causality_report.png is written beside it"
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_samples >= 0, "--max-samples must be 0 or more")
+        _require(self.output.endswith(".json"), f"--output must name a .json file, got {self.output}")
+
+
+@dataclass
 class OutputConfig:
     """Where results go and how much is printed."""
 

@@ -123,6 +123,10 @@ def _is_numeric(data_type: pa.DataType) -> bool:
     return pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type)
 
 
+class ColumnError(UserError):
+    """A requested feature column is missing from the store or is not numeric."""
+
+
 def resolve_feature_columns(
     schema: pa.Schema, requested: Sequence[str] | None, exclude: Sequence[str] = ()
 ) -> list[str]:
@@ -142,11 +146,11 @@ def resolve_feature_columns(
     available = set(schema.names)
     for name in requested:
         if name not in available:
-            raise UserError(
+            raise ColumnError(
                 f"unknown feature column {name!r}; available numeric columns: {', '.join(numeric) or 'none'}"
             )
         if not _is_numeric(schema.field(name).type):
-            raise UserError(
+            raise ColumnError(
                 f"feature column {name!r} is {schema.field(name).type}, not numeric; choose among: {', '.join(numeric)}"
             )
     return list(requested)
@@ -227,7 +231,8 @@ def load_feature_store(
     partition_keys = _partition_keys(root, files)
     features = resolve_feature_columns(schema, feature_columns, exclude=sorted(partition_keys))
 
-    columns = [TIMESTAMP_COLUMN, SERVICE_COLUMN, *features, TARGET_COLUMN]
+    # the target may also be a feature (its own history): read it once
+    columns = list(dict.fromkeys([TIMESTAMP_COLUMN, SERVICE_COLUMN, *features, TARGET_COLUMN]))
     try:
         table = dataset.to_table(columns=columns, filter=_time_filter(dataset, partition_keys, start, end))
     except (pa.ArrowException, OSError) as error:

@@ -380,3 +380,4 @@ def per_service(evaluation: Evaluation, table: SeriesTable) -> dict[str, dict[st
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+

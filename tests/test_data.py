@@ -240,3 +240,10 @@ def test_target_normalizer_is_per_service_and_inverts(tmp_path):
     z = normalizer.normalize(table.target, table.service_codes)
     assert abs(np.median(z[table.service_codes == 0])) < 0.1 and abs(np.median(z[table.service_codes == 1])) < 0.1
     np.testing.assert_allclose(normalizer.denormalize(z, table.service_codes), table.target, rtol=1e-4)
+
+
+def test_target_named_as_a_feature_is_read_once(tmp_path):
+    path = write_frame(hand_frame(features=("cpu",)), tmp_path / "s.parquet")
+    table = data.load_feature_store(path, ["cpu", "target_latency_p99"])
+    assert table.feature_columns == ["cpu", "target_latency_p99"]
+    np.testing.assert_array_equal(table.features[:, 1], table.target)

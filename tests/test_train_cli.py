@@ -24,6 +24,8 @@ def test_writes_every_contract_artifact(trained):
     assert sorted(os.listdir(trained)) == [
         "alert_tradeoff.png",
         "config.json",
+        "feature_importance.json",
+        "feature_importance.png",
         "forecast_vs_actual.png",
         "latency_forecaster.pt",
         "loss_curve.png",

@@ -1,0 +1,168 @@
+"""Cost of one explained window: grouped exact Shapley (one player per feature, explain.py) against
+shap's flat KernelExplainer over the L x F inputs at its default nsamples, on the same model,
+windows and background, in one run, at F = 3 and F = 8 (default model and background settings).
+
+    python -m bench.bench_explain [--windows 64] [--flat-windows 3] [--repeats 5] [--threads N]
+
+Prints the machine, then medians in ms per window. Timings on a shared machine are noisy:
+compare the ratios, which are measured back to back in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import numpy as np
+import shap
+import torch
+from shap.utils._legacy import DenseData
+
+from latency_forecast import data, explain, pipeline, synthetic
+from latency_forecast.config import DataConfig, ExplainConfig, ImportanceConfig, ModelConfig, TrainingConfig
+
+FEATURES = {
+    3: ["cpu_rolling_avg", "path_depth", "fan_out"],
+    8: [name for name in synthetic.FEATURE_COLUMNS if name != "node_cpu_cores"],
+}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as stream:
+            cpu = next(line.split(":", 1)[1].strip() for line in stream if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs; torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads; shap {shap.__version__}; numpy {np.__version__}; load average {load}"
+    )
+
+
+def _trained(store: str, features: list[str]) -> tuple[pipeline.Forecaster, pipeline.PreparedSeries, data.Splits]:
+    """A default-sized forecaster, briefly trained (costs do not depend on the weights)."""
+    table = data.load_feature_store(store, features)
+    data_config = DataConfig(feature_columns=features)
+    splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
+    training = TrainingConfig(epochs=1, samples_per_epoch=4000, device="cpu")
+    forecaster, prepared, _ = pipeline.fit_forecaster(
+        table, splits.train, splits.validation, data_config, ModelConfig(), training, progress=False, log=lambda _: None
+    )
+    return forecaster, prepared, splits
+
+
+def _median_ms(seconds: Sequence[float], per: int = 1) -> float:
+    return 1e3 * statistics.median(seconds) / per
+
+
+def run(n_features: int, store: str, n_windows: int, n_flat: int, repeats: int) -> dict:
+    forecaster, prepared, splits = _trained(store, FEATURES[n_features])
+    settings = forecaster.data_config
+    L, H = settings.sequence_length, settings.horizon
+    train_ends = data.samples_in(prepared.ends, prepared.table, splits.train, L, H)
+    validation_ends = data.samples_in(prepared.ends, prepared.table, splits.validation, L, H)
+    background = explain.build_background(
+        prepared.tensors, train_ends, len(forecaster.services), ImportanceConfig().background_size, seed=0
+    )
+    # the windows of one service with the highest forecasts: the spikes an SRE would ask about
+    code = int(np.bincount(prepared.tensors.service_codes[validation_ends].numpy()).argmax())
+    mine = validation_ends[prepared.tensors.service_codes[validation_ends].numpy() == code]
+    ends = np.sort(mine[np.argsort(-pipeline.forecast_ms(forecaster, prepared, mine))[:n_windows]])
+    windows = prepared.tensors.batch(torch.as_tensor(ends))[0].numpy()
+    reference, weights = background.of_service(code)
+    model, normalizer, config = forecaster.model, forecaster.target_normalizer, ExplainConfig()
+
+    batched, single = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        values, base, outputs, exact = explain.explain_service(model, normalizer, windows, code, reference, weights, config)
+        batched.append(time.perf_counter() - started)
+    for i in range(min(repeats, n_windows)):
+        started = time.perf_counter()
+        explain.explain_service(model, normalizer, windows[i : i + 1], code, reference, weights, config)
+        single.append(time.perf_counter() - started)
+    assert exact and np.allclose(base + values.sum(1), outputs, rtol=1e-6, atol=1e-6)
+
+    flat_shape = windows.shape[1:]
+
+    def flat_model(flat: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(flat.reshape(-1, *flat_shape).astype(np.float32))
+        return explain.forecast_windows(model, normalizer, batch, code)
+
+    names = [f"{feature}@t{step - L + 1}" for step in range(L) for feature in FEATURES[n_features]]
+    flat_background = DenseData(reference.reshape(len(reference), -1).astype(np.float64), names, None, weights.copy())
+    flat_explainer = shap.KernelExplainer(flat_model, flat_background)
+    flat, agree = [], []
+    for i in range(min(n_flat, n_windows)):
+        started = time.perf_counter()
+        flat_values = flat_explainer.shap_values(windows[i].reshape(1, -1).astype(np.float64), silent=True)[0]
+        flat.append(time.perf_counter() - started)
+        per_feature = np.asarray(flat_values).reshape(L, n_features).sum(0)
+        agree.append(per_feature.argmax() == values[i].argmax())
+    result = {
+        "F": n_features,
+        "players": n_features,
+        "coalitions": 2**n_features,
+        "background": len(reference),
+        "grouped_batched_ms": _median_ms(batched, n_windows),
+        "grouped_single_ms": _median_ms(single),
+        "flat_ms": _median_ms(flat),
+        "flat_inputs": L * n_features,
+        "top_feature_agreement": float(np.mean(agree)),
+    }
+    result["speedup_batched"] = result["flat_ms"] / result["grouped_batched_ms"]
+    result["speedup_single"] = result["flat_ms"] / result["grouped_single_ms"]
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_explain", description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=64, help="windows explained together by the grouped explainer (default: %(default)s)")
+    parser.add_argument("--flat-windows", type=int, default=3, help="windows explained by the flat KernelExplainer (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of the grouped explanation (default: %(default)s)")
+    parser.add_argument("--features", default="3,8", help="comma-separated F values among 3 and 8 (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch CPU threads (default: torch's own choice); 1 avoids idle-thread waits on a machine shared with other jobs",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {_machine()}")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="bench-explain-") as directory:
+        store = os.path.join(directory, "store")
+        frame, _ = synthetic.generate(days=8, n_services=8, seed=0)
+        data.write_feature_store(frame, store)
+        results = [run(int(f), store, args.windows, args.flat_windows, args.repeats) for f in args.features.split(",")]
+    print(
+        f"{'F':>3} {'coalitions':>10} {'background':>10} {'grouped, batched':>17} {'grouped, 1 window':>18} "
+        f"{'flat (L*F inputs)':>18} {'speedup':>8} {'(1 window)':>10} {'same top':>9}"
+    )
+    for r in results:
+        print(
+            f"{r['F']:>3} {r['coalitions']:>10} {r['background']:>10} {r['grouped_batched_ms']:>14.2f} ms "
+            f"{r['grouped_single_ms']:>15.2f} ms {r['flat_ms']:>15.0f} ms {r['speedup_batched']:>7.0f}x "
+            f"{r['speedup_single']:>9.0f}x {r['top_feature_agreement']:>9.2f}"
+        )
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        "ms per explained window, medians. grouped: exact Shapley, one player per feature over all "
+        f"{DataConfig().sequence_length} minutes, windows of one service explained together (batched) or alone; "
+        "flat: shap.KernelExplainer over every (minute, feature) input at its default nsamples and l1_reg; "
+        "same model, windows and weighted background. 'same top': share of windows whose top feature "
+        "(flat values summed over minutes) is the grouped top feature."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""Why a breach was predicted: true-positive events, their per-feature Shapley scores, and scoring
+against a chaos manifest (AC@1 / AC@3 per injected fault, as root-cause benchmarks report them).
+
+Everything here is pure: arrays and dicts in, a report dict out. A minute in this module is the
+*forecast* minute t+H (the minute whose latency the alert is about), unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from latency_forecast import data, explain, pipeline
+from latency_forecast.config import TARGET_COLUMN, CausalityConfig, ExplainConfig
+from latency_forecast.data import TimeRange, format_minute
+from latency_forecast.errors import UserError
+
+MANIFEST_KEYS = ("service", "start", "end", "fault")
+
+
+# ---------------------------------------------------------------------------------------------
+# The chaos manifest
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault (contract section 2); ``start`` and ``end`` are minutes since the epoch."""
+
+    service: str
+    start: int
+    end: int
+    fault: str
+    root_cause_feature: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "start": format_minute(self.start),
+            "end": format_minute(self.end),
+            "fault": self.fault,
+            "root_cause_feature": self.root_cause_feature,
+        }
+
+
+def parse_manifest(entries: Any, source: str) -> list[Fault]:
+    """Validate a chaos manifest (a JSON list of faults); extra keys are ignored."""
+    if not isinstance(entries, list):
+        raise UserError(f"chaos manifest {source} is not a JSON list of faults; see the contract, section 2")
+    faults = []
+    for index, entry in enumerate(entries):
+        where = f"chaos manifest {source}, fault {index}"
+        if not isinstance(entry, dict) or any(key not in entry for key in MANIFEST_KEYS):
+            raise UserError(f"{where} is not an object with {', '.join(MANIFEST_KEYS)} and root_cause_feature; fix the manifest")
+        root_cause = entry.get("root_cause_feature")
+        if root_cause is not None and not isinstance(root_cause, str):
+            raise UserError(f"{where}: root_cause_feature must be a column name or null, got {root_cause!r}")
+        start = data.to_minute(data.parse_timestamp(str(entry["start"]), f"{where}: start"))
+        end = data.to_minute(data.parse_timestamp(str(entry["end"]), f"{where}: end"))
+        if end < start:
+            raise UserError(f"{where} ends ({entry['end']}) before it starts ({entry['start']}); fix the manifest")
+        faults.append(Fault(str(entry["service"]), start, end, str(entry["fault"]), root_cause))
+    return faults
+
+
+# ---------------------------------------------------------------------------------------------
+# Forecasts, alerts and true-positive events
+
+
+@dataclass
+class Forecasts:
+    """The analysed samples in row order (by service, then minute).
+
+    ends : (n,) row index where each window ends (minute t)
+    service_codes : (n,) the table's service code
+    minutes : (n,) forecast minute t+H
+    forecast, actual : (n,) ms at t+H
+    alert, breach : (n,) bool, predicted and observed breach
+    """
+
+    ends: np.ndarray
+    service_codes: np.ndarray
+    minutes: np.ndarray
+    forecast: np.ndarray
+    actual: np.ndarray
+    alert: np.ndarray
+    breach: np.ndarray
+
+    @property
+    def true_positive(self) -> np.ndarray:
+        return self.alert & self.breach
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+
+@dataclass
+class Event:
+    """Consecutive true-positive minutes of one service; ``position`` indexes its first minute."""
+
+    position: int
+    n_minutes: int
+    fault: int | None = None  # index into the manifest's faults
+
+
+def true_positive_events(service_codes: np.ndarray, minutes: np.ndarray, true_positive: np.ndarray) -> list[Event]:
+    """Group consecutive true-positive forecast minutes of one service into events.
+
+    The arrays are in row order (service, then minute); a minute that is not a true positive,
+    or is missing, ends an event.
+    """
+    positions = np.flatnonzero(true_positive)
+    if not len(positions):
+        return []
+    codes, stamps = service_codes[positions], minutes[positions]
+    starts = np.flatnonzero(np.concatenate(([True], (codes[1:] != codes[:-1]) | (np.diff(stamps) != 1))))
+    lengths = np.diff(np.append(starts, len(positions)))
+    return [Event(int(positions[first]), int(length)) for first, length in zip(starts, lengths)]
+
+
+def fault_of(service: str, minute: int, faults: Sequence[Fault], horizon: int) -> int | None:
+    """Index of the fault whose span [start, end + H] on ``service`` holds ``minute`` (the latest one)."""
+    found = None
+    for index, fault in enumerate(faults):
+        if fault.service == service and fault.start <= minute <= fault.end + horizon:
+            if found is None or fault.start >= faults[found].start:
+                found = index
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring against the manifest
+
+
+@dataclass
+class FaultCase:
+    """How one fault is scored: unscorable (with the reason), or the forecast that is explained."""
+
+    fault: Fault
+    reason: str | None = None
+    detected: bool = False
+    position: int | None = None  # index into Forecasts of the explained forecast
+    ranking: list[str] = field(default_factory=list)
+
+    @property
+    def scorable(self) -> bool:
+        return self.reason is None
+
+
+def match_faults(
+    faults: Sequence[Fault],
+    forecasts: Forecasts,
+    services: Sequence[str],
+    model_services: Sequence[str],
+    rankable: Sequence[str],
+    horizon: int,
+) -> list[FaultCase]:
+    """Decide, per fault, whether it can be scored and which forecast explains it.
+
+    A fault is scorable when its root cause is a rankable model input and its service has
+    forecasts for minutes in [start, end + H]. It is *detected* when one of them is a true
+    positive; the explained forecast is the first true positive, else the highest forecast.
+
+    Parameters
+    ----------
+    services : the table's service names (``forecasts.service_codes`` index them)
+    model_services : services the model was trained on
+    rankable : the model's inputs that may be named as a cause (never the latency itself)
+    """
+    cases = []
+    for fault in faults:
+        case = FaultCase(fault)
+        cause = fault.root_cause_feature
+        if cause is None:
+            case.reason = "the manifest names no root-cause feature (a fault without a metric signal)"
+        elif cause == TARGET_COLUMN:
+            case.reason = f"the root cause is {TARGET_COLUMN} itself, which is never ranked as a cause"
+        elif cause not in rankable:
+            case.reason = f"root cause {cause!r} is not an input of the model (inputs that can be causes: {', '.join(rankable)})"
+        elif fault.service not in model_services:
+            case.reason = f"service {fault.service!r} was not in the model's training data, so it is not forecast"
+        else:
+            code = list(services).index(fault.service) if fault.service in services else -1
+            mine = np.flatnonzero(
+                (forecasts.service_codes == code)
+                & (forecasts.minutes >= fault.start)
+                & (forecasts.minutes <= fault.end + horizon)
+            )
+            if not len(mine):
+                case.reason = (
+                    f"no complete window of {fault.service} forecasts a minute of the fault's span "
+                    f"[start, end + {horizon} min] (gaps, NaNs or the edge of the analysed range)"
+                )
+            else:
+                hits = mine[forecasts.true_positive[mine]]
+                case.detected = bool(len(hits))
+                case.position = int(hits[0]) if len(hits) else int(mine[np.argmax(forecasts.forecast[mine])])
+        cases.append(case)
+    return cases
+
+
+def rank_features(scores: np.ndarray, feature_columns: Sequence[str]) -> list[str]:
+    """Causes by descending Shapley value (the push towards the spike); never the latency itself."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return [feature_columns[i] for i in order if feature_columns[i] != TARGET_COLUMN]
+
+
+def _rate(numerator: int, denominator: int) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def _accuracy(cases: Sequence[FaultCase]) -> dict[str, Any]:
+    cause = [case.fault.root_cause_feature for case in cases]
+    top1 = sum(case.ranking[:1] == [c] for case, c in zip(cases, cause))
+    top3 = sum(c in case.ranking[:3] for case, c in zip(cases, cause))
+    return {"n_faults": len(cases), "top1_accuracy": _rate(top1, len(cases)), "top3_accuracy": _rate(top3, len(cases))}
+
+
+def _scores(cases: Sequence[FaultCase]) -> dict[str, Any]:
+    scorable = [case for case in cases if case.scorable]
+    detected = [case for case in scorable if case.detected]
+    return {
+        **_accuracy(scorable),
+        "detection_rate": _rate(len(detected), len(scorable)),
+        "detected": _accuracy(detected),
+        "n_unscorable": len(cases) - len(scorable),
+    }
+
+
+def validation_summary(cases: Sequence[FaultCase], forecasts: Forecasts, n_rankable: int, n_outside: int) -> dict[str, Any]:
+    """The report's ``validation`` block: AC@1/AC@3 over scorable and detected faults, the
+    detection rate, the random baseline, per fault type, and every fault's outcome."""
+    by_type: dict[str, list[FaultCase]] = {}
+    for case in cases:
+        by_type.setdefault(case.fault.fault, []).append(case)
+    faults = []
+    for case in cases:
+        if not case.scorable:
+            continue
+        cause, position = case.fault.root_cause_feature, case.position
+        faults.append(
+            {
+                **case.fault.as_dict(),
+                "detected": case.detected,
+                "explained_minute": format_minute(forecasts.minutes[position]),
+                "predicted": float(forecasts.forecast[position]),
+                "actual": float(forecasts.actual[position]),
+                "top_feature": case.ranking[0] if case.ranking else None,
+                "top3": case.ranking[:3],
+                "hit_at_1": case.ranking[:1] == [cause],
+                "hit_at_3": cause in case.ranking[:3],
+            }
+        )
+    return {
+        **_scores(cases),
+        "random_top1": _rate(1, n_rankable),
+        "random_top3": _rate(min(3, n_rankable), n_rankable),
+        "by_fault": {name: _scores(group) for name, group in sorted(by_type.items())},
+        "faults": faults,
+        "unscorable": [{**case.fault.as_dict(), "reason": case.reason} for case in cases if not case.scorable],
+        "n_outside_range": n_outside,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole analysis
+
+
+@dataclass
+class Analysis:
+    report: dict[str, Any]
+    figure_events: list[dict[str, Any]]  # per explained event: label, scores, cause (for the plot)
+
+
+def forecasts_in(forecaster: pipeline.Forecaster, prepared: pipeline.PreparedSeries, time_range: TimeRange) -> Forecasts:
+    """Forecast, alert and breach for every sample whose forecast minute t+H lies in the range."""
+    horizon = forecaster.data_config.horizon
+    table = prepared.table
+    minutes_all = table.minutes[prepared.ends] + horizon
+    ends = prepared.ends[(minutes_all >= time_range.start) & (minutes_all < time_range.end)]
+    evaluation = pipeline.evaluate(forecaster, prepared, ends)  # the checkpoint's alert rule and thresholds
+    return Forecasts(
+        ends,
+        evaluation.service_codes.astype(np.int64),
+        evaluation.target_minutes,
+        evaluation.forecast,
+        evaluation.actual,
+        evaluation.alert,
+        evaluation.breach,
+    )
+
+
+def analyze(
+    forecaster: pipeline.Forecaster,
+    prepared: pipeline.PreparedSeries,
+    time_range: TimeRange,
+    background: explain.Background,
+    faults: Sequence[Fault] | None,
+    config: CausalityConfig,
+    explain_config: ExplainConfig,
+    seed: int = 0,
+) -> Analysis:
+    """Find true-positive events in ``time_range``, explain them, and score the manifest's faults.
+
+    Raises
+    ------
+    UserError : when the range holds no complete window to forecast.
+    """
+    settings = forecaster.data_config
+    horizon = settings.horizon
+    table = prepared.table
+    forecasts = forecasts_in(forecaster, prepared, time_range)
+    if not len(forecasts):
+        raise UserError(
+            f"no complete window forecasts a minute between {format_minute(time_range.start)} and "
+            f"{format_minute(time_range.end)}: each needs {settings.sequence_length} minutes of finite inputs and a "
+            f"finite latency {horizon} minutes later; widen --start-ts/--end-ts"
+        )
+    rankable = [name for name in forecaster.feature_columns if name != TARGET_COLUMN]
+    inside = [f for f in faults or [] if f.start < time_range.end and f.end + horizon >= time_range.start]
+    events = true_positive_events(forecasts.service_codes, forecasts.minutes, forecasts.true_positive)
+    for event in events:
+        event.fault = fault_of(table.services[forecasts.service_codes[event.position]], int(forecasts.minutes[event.position]), inside, horizon)
+    if config.event_order == "predicted":
+        chosen = sorted(events, key=lambda e: (-forecasts.forecast[e.position], forecasts.minutes[e.position]))
+    else:
+        chosen = sorted(events, key=lambda e: (forecasts.minutes[e.position], e.position))
+    chosen = chosen[: config.max_samples]
+    cases = match_faults(inside, forecasts, table.services, forecaster.services, rankable, horizon)
+
+    positions = sorted({e.position for e in chosen} | {c.position for c in cases if c.position is not None})
+    explained: dict[int, int] = {position: i for i, position in enumerate(positions)}
+    ends = forecasts.ends[positions] if positions else np.zeros(0, dtype=np.int64)
+    attributions = explain.explain(forecaster, prepared.tensors, ends, background, explain_config, seed)
+    rankings = {p: rank_features(attributions.values[i], forecaster.feature_columns) for p, i in explained.items()}
+    for case in cases:
+        if case.position is not None:
+            case.ranking = rankings[case.position]
+
+    report_events, figure_events = [], []
+    for event in chosen:
+        i, position = explained[event.position], event.position
+        fault = inside[event.fault] if event.fault is not None else None
+        service = table.services[forecasts.service_codes[position]]
+        scores = dict(zip(forecaster.feature_columns, attributions.values[i].tolist()))
+        report_events.append(
+            {
+                "service": service,
+                "timestamp": format_minute(forecasts.minutes[position]),
+                "alert_timestamp": format_minute(forecasts.minutes[position] - horizon),
+                "minutes": event.n_minutes,
+                "predicted": float(forecasts.forecast[position]),
+                "actual": float(forecasts.actual[position]),
+                "base_value": float(attributions.base_values[i]),
+                "top_feature": rankings[position][0] if rankings[position] else None,
+                "top3": rankings[position][:3],
+                "scores": scores,
+                "fault": fault.as_dict() if fault else None,
+            }
+        )
+        figure_events.append(
+            {
+                "label": f"{service}\n{format_minute(forecasts.minutes[position])[5:16].replace('T', ' ')}",
+                "scores": scores,
+                "cause": fault.root_cause_feature if fault else None,
+                "fault": fault.fault if fault else None,
+            }
+        )
+    n_tp = int(forecasts.true_positive.sum())
+    report: dict[str, Any] = {
+        "window": time_range.as_dict(),
+        "model": {
+            "feature_columns": list(forecaster.feature_columns),
+            "sequence_length": settings.sequence_length,
+            "horizon": horizon,
+            "latency_thresholds": forecaster.latency_thresholds.as_dict(),
+            "alert": forecaster.alert.as_dict(),
+        },
+        "method": attributions.method,
+        "n_samples": len(forecasts),
+        "n_true_positives": n_tp,
+        "n_events": len(events),
+        "event_order": config.event_order,
+        "events": report_events,
+    }
+    if not events:
+        report["message"] = (
+            f"no true positive in the range: no forecast minute both alerted and breached its service's "
+            f"latency threshold ({int(forecasts.alert.sum())} alerts, {int(forecasts.breach.sum())} breaches "
+            f"in {len(forecasts):,} forecasts), so there is no predicted spike to explain"
+        )
+    if faults is not None:
+        report["validation"] = validation_summary(cases, forecasts, len(rankable), len(faults) - len(inside))
+    return Analysis(report, figure_events)

@@ -1,0 +1,126 @@
+"""True-positive events and chaos scoring on hand-made cases (no model involved)."""
+
+import numpy as np
+import pytest
+
+from latency_forecast import causality, data
+from latency_forecast.causality import Fault, Forecasts
+from latency_forecast.errors import UserError
+
+T0 = data.to_minute(data.parse_timestamp("2024-05-01T10:00:00Z", ""))
+
+
+def test_consecutive_true_positive_minutes_of_one_service_form_one_event():
+    codes = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    minutes = T0 + np.array([0, 1, 2, 4, 5, 5, 6, 8])
+    tp = np.array([1, 1, 0, 1, 1, 1, 1, 1], dtype=bool)
+    events = causality.true_positive_events(codes, minutes, tp)
+    # [0,1] | minute 2 not a TP | [4,5] | service changes at minute 5 | [5,6] | minute 7 missing | [8]
+    assert [(e.position, e.n_minutes) for e in events] == [(0, 2), (3, 2), (5, 2), (7, 1)]
+    assert causality.true_positive_events(codes, minutes, np.zeros(8, dtype=bool)) == []
+
+
+def _forecasts(rows):
+    """rows: (service code, minute offset, forecast, actual, alert, breach)."""
+    codes, offsets, forecast, actual, alert, breach = map(np.array, zip(*rows))
+    return Forecasts(np.arange(len(rows)), codes, T0 + offsets, forecast.astype(float), actual.astype(float), alert.astype(bool), breach.astype(bool))
+
+
+FEATURES = ["cpu", "queue", "fan_out", "mem", "target_latency_p99"]
+
+
+def _fault(service, start, end, kind, cause):
+    return Fault(service, T0 + start, T0 + end, kind, cause)
+
+
+def test_chaos_scoring_hand_made_case():
+    services = ["a", "b", "c"]
+    forecasts = _forecasts(
+        [
+            # service a: alert at minute 11 misses, TP from minute 12
+            (0, 10, 100, 100, 0, 0), (0, 11, 600, 400, 1, 0), (0, 12, 700, 900, 1, 1), (0, 13, 800, 950, 1, 1),
+            # service b: never alerts; its highest forecast is at minute 21
+            (1, 20, 300, 700, 0, 1), (1, 21, 450, 800, 0, 1), (1, 22, 200, 300, 0, 0),
+            # service c: a TP far from any fault
+            (2, 50, 900, 900, 1, 1),
+        ]
+    )
+    horizon = 2
+    faults = [
+        _fault("a", 8, 10, "cpu", "cpu"),  # span [8, 12]: detected at minute 12
+        _fault("b", 18, 19, "queue", "queue"),  # span [18, 21]: not detected, explained at 21
+        _fault("b", 40, 45, "queue", "queue"),  # no forecast in its span
+        _fault("a", 30, 35, "code", None),  # no metric signal
+        _fault("a", 30, 35, "delay", "network_delay"),  # not a model input
+        _fault("a", 30, 35, "self", "target_latency_p99"),  # the latency itself
+        _fault("zz", 10, 12, "cpu", "cpu"),  # service unknown to the model
+    ]
+    rankable = FEATURES[:-1]
+    cases = causality.match_faults(faults, forecasts, services, ["a", "b", "c"], rankable, horizon)
+    assert [c.scorable for c in cases] == [True, True, False, False, False, False, False]
+    assert (cases[0].detected, cases[0].position) == (True, 2)
+    assert (cases[1].detected, cases[1].position) == (False, 5)
+    assert "no complete window" in cases[2].reason
+    assert "no root-cause feature" in cases[3].reason
+    assert "'network_delay' is not an input of the model" in cases[4].reason
+    assert "never ranked" in cases[5].reason
+    assert "'zz' was not in the model's training data" in cases[6].reason
+
+    cases[0].ranking = ["queue", "cpu", "mem", "fan_out"]  # hit@3, not hit@1
+    cases[1].ranking = ["queue", "cpu", "mem", "fan_out"]  # hit@1
+    summary = causality.validation_summary(cases, forecasts, n_rankable=4, n_outside=3)
+    assert summary["n_faults"] == 2 and summary["n_unscorable"] == 5 and summary["n_outside_range"] == 3
+    assert summary["top1_accuracy"] == 0.5 and summary["top3_accuracy"] == 1.0
+    assert summary["detection_rate"] == 0.5
+    assert summary["detected"] == {"n_faults": 1, "top1_accuracy": 0.0, "top3_accuracy": 1.0}
+    assert summary["random_top1"] == 0.25 and summary["random_top3"] == 0.75
+    assert summary["by_fault"]["cpu"]["top1_accuracy"] == 0.0 and summary["by_fault"]["cpu"]["n_unscorable"] == 1
+    assert summary["by_fault"]["queue"] == {
+        "n_faults": 1, "top1_accuracy": 1.0, "top3_accuracy": 1.0, "detection_rate": 0.0,
+        "detected": {"n_faults": 0, "top1_accuracy": None, "top3_accuracy": None}, "n_unscorable": 1,
+    }
+    assert summary["by_fault"]["code"]["top1_accuracy"] is None
+    first, second = summary["faults"]
+    assert first["explained_minute"] == "2024-05-01T10:12:00Z" and first["detected"] and not first["hit_at_1"] and first["hit_at_3"]
+    assert second["explained_minute"] == "2024-05-01T10:21:00Z" and not second["detected"] and second["hit_at_1"]
+    assert second["predicted"] == 450 and second["actual"] == 800 and second["top_feature"] == "queue"
+    assert {u["reason"] for u in summary["unscorable"]} == {c.reason for c in cases if not c.scorable}
+    assert all(u["start"].endswith("Z") for u in summary["unscorable"])
+
+
+def test_events_name_the_fault_they_fall_in():
+    faults = [_fault("a", 0, 10, "cpu", "cpu"), _fault("a", 30, 40, "queue", "queue"), _fault("b", 0, 10, "cpu", "cpu")]
+    assert causality.fault_of("a", T0 + 12, faults, horizon=2) == 0  # within end + H
+    assert causality.fault_of("a", T0 + 13, faults, horizon=2) is None
+    assert causality.fault_of("a", T0 + 30, faults, horizon=2) == 1
+    assert causality.fault_of("c", T0 + 5, faults, horizon=2) is None
+
+
+def test_ranking_never_names_the_latency_itself():
+    scores = np.array([1.0, 5.0, -2.0, 0.0, 9.0])
+    assert causality.rank_features(scores, FEATURES) == ["queue", "cpu", "mem", "fan_out"]
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"service": "a"}, "not a JSON list"),
+        ([{"service": "a", "start": "2024-05-01T10:00:00Z", "fault": "cpu"}], "fault 0 is not an object with"),
+        ([{"service": "a", "start": "yesterday", "end": "2024-05-01", "fault": "cpu"}], "is not a timestamp"),
+        ([{"service": "a", "start": "2024-05-02", "end": "2024-05-01", "fault": "cpu"}], "ends"),
+        ([{"service": "a", "start": "2024-05-01", "end": "2024-05-01", "fault": "cpu", "root_cause_feature": 3}], "column name or null"),
+    ],
+)
+def test_bad_manifest_is_a_user_error(entries, message):
+    with pytest.raises(UserError, match=message):
+        causality.parse_manifest(entries, "m.json")
+
+
+def test_manifest_with_seconds_null_causes_and_extra_keys_parses():
+    faults = causality.parse_manifest(
+        [{"service": "s", "start": "2023-01-29T08:43:04Z", "end": "2023-01-29T08:46:04Z", "fault": "code", "root_cause_feature": None, "pod": "x"},
+         {"service": "s", "start": "2023-01-29T09:00:00Z", "end": "2023-01-29T09:03:00Z", "fault": "cpu"}],
+        "m.json",
+    )
+    assert faults[0].as_dict()["start"] == "2023-01-29T08:43:00Z" and faults[0].root_cause_feature is None
+    assert faults[1].root_cause_feature is None
