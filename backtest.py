@@ -1,4 +1,4 @@
-"""Walk-forward backtest: a fresh forecaster per fold, trained on the past, judged on the window after it.
+r"""Walk-forward backtest: a fresh forecaster per fold, trained on the past, judged on the window after it.
 
 Example:
     python backtest.py --feature-store-path feature_store \

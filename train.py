@@ -1,4 +1,4 @@
-"""Train the latency forecaster on a feature store and write artifacts/.
+r"""Train the latency forecaster on a feature store and write artifacts/.
 
 Example:
     python train.py --feature-store-path feature_store --feature-columns cpu_rolling_avg,path_depth,fan_out \
