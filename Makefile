@@ -1,6 +1,7 @@
 # Two commands on a fresh clone:  `make demo`  and  `make test`.
 PYTHON ?= python3
 VENV := .venv
+BENCH_VENV := .venv-bench
 PY := $(VENV)/bin/python
 STORE ?= feature_store
 ARTIFACTS ?= artifacts
@@ -24,8 +25,15 @@ demo: $(VENV)/.installed $(STORE)/chaos_manifest.json
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
-	$(PY) -m bench.run_all
+# Benchmarks need Darts and Lightning: a venv of their own, so they never reach .venv
+$(BENCH_VENV)/.installed: requirements.txt requirements-dev.txt requirements-bench.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m bench.run_all
 
 clean:
 	rm -rf $(ARTIFACTS) $(STORE)
