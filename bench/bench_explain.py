@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import shap
 import torch
 from shap.utils._legacy import DenseData
 
+from bench.common import Result, command, load_average, machine, run_benchmark
 from latency_forecast import data, explain, pipeline, synthetic
 from latency_forecast.config import DataConfig, ExplainConfig, ImportanceConfig, ModelConfig, TrainingConfig
 
@@ -31,20 +31,6 @@ FEATURES = {
     3: ["cpu_rolling_avg", "path_depth", "fan_out"],
     8: [name for name in synthetic.FEATURE_COLUMNS if name != "node_cpu_cores"],
 }
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as stream:
-            cpu = next(line.split(":", 1)[1].strip() for line in stream if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs; torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads; shap {shap.__version__}; numpy {np.__version__}; load average {load}"
-    )
 
 
 def _trained(store: str, features: list[str]) -> tuple[pipeline.Forecaster, pipeline.PreparedSeries, data.Splits]:
@@ -123,20 +109,25 @@ def run(n_features: int, store: str, n_windows: int, n_flat: int, repeats: int) 
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+TARGET_SPEEDUP = {3: 100.0, 8: 5.0}  # grouped exact Shapley against the flat KernelExplainer
+TARGET_MS_AT_8 = 50.0  # ms per window at F = 8
+
+
+def measure(argv: Sequence[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_explain", description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=64, help="windows explained together by the grouped explainer (default: %(default)s)")
     parser.add_argument("--flat-windows", type=int, default=3, help="windows explained by the flat KernelExplainer (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of the grouped explanation (default: %(default)s)")
     parser.add_argument("--features", default="3,8", help="comma-separated F values among 3 and 8 (default: %(default)s)")
     parser.add_argument(
-        "--threads", type=int, default=0,
-        help="torch CPU threads (default: torch's own choice); 1 avoids idle-thread waits on a machine shared with other jobs",
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default: %(default)s; 0 keeps torch's default): on a machine shared with other "
+        "jobs, more threads wait for each other",
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as directory:
         store = os.path.join(directory, "store")
@@ -153,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['grouped_single_ms']:>15.2f} ms {r['flat_ms']:>15.0f} ms {r['speedup_batched']:>7.0f}x "
             f"{r['speedup_single']:>9.0f}x {r['top_feature_agreement']:>9.2f}"
         )
-    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average after: {load_average()}")
     print(
         "ms per explained window, medians. grouped: exact Shapley, one player per feature over all "
         f"{DataConfig().sequence_length} minutes, windows of one service explained together (batched) or alone; "
@@ -161,8 +152,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "same model, windows and weighted background. 'same top': share of windows whose top feature "
         "(flat values summed over minutes) is the grouped top feature."
     )
-    return 0
+    where, load = command("bench.bench_explain", argv), load_average()
+    rows = []
+    for r in results:
+        value = f"{r['grouped_batched_ms']:.2f} ms/window ({r['grouped_single_ms']:.1f} alone; flat {r['flat_ms']:.0f} ms)"
+        target = TARGET_SPEEDUP.get(r["F"])
+        rows.append(Result(
+            "explanations", f"F = {r['F']}: ms per window, ratio = flat KernelExplainer / grouped exact Shapley (batched)",
+            value, r["speedup_batched"], f">= {target:g}x" if target else "none set",
+            r["speedup_batched"] >= target if target else None, where, load,
+        ))
+        if r["F"] == 8:
+            rows.append(Result(
+                "explanations", "F = 8: ms per window, grouped exact Shapley (batched)", f"{r['grouped_batched_ms']:.2f} ms",
+                None, f"<= {TARGET_MS_AT_8:g} ms", r["grouped_batched_ms"] <= TARGET_MS_AT_8, where, load,
+            ))
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark(measure))

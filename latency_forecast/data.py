@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ SERVICE_COLUMN = "service"
 PARQUET_SUFFIXES = (".parquet", ".parq")
 _NS_PER_MINUTE = 60_000_000_000
 _CHUNK_ROWS = 1 << 18  # rows per chunk when scaling in place: bounds temporary memory
+_BATCH_ROWS = 1 << 15  # rows per record batch while reading
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +210,9 @@ def load_feature_store(
         raise UserError(f"start {start.isoformat()} is not before end {end.isoformat()}; swap or widen the range")
     filesystem, root, files = _parquet_files(path)
     try:
-        dataset = ds.dataset(
-            files, filesystem=filesystem, format="parquet", partitioning="hive", partition_base_dir=root
-        )
+        # service names come as Parquet stores them, dictionary-encoded: no string per row is built
+        parquet = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=[SERVICE_COLUMN]))
+        dataset = ds.dataset(files, filesystem=filesystem, format=parquet, partitioning="hive", partition_base_dir=root)
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that every *.parquet file is valid Parquet") from error
     schema = dataset.schema
@@ -224,66 +225,144 @@ def load_feature_store(
     if not pa.types.is_timestamp(schema.field(TIMESTAMP_COLUMN).type):
         raise UserError(f"column 'timestamp' is {schema.field(TIMESTAMP_COLUMN).type}, not a timestamp; store it as a Parquet timestamp")
     service_type = schema.field(SERVICE_COLUMN).type
-    if not (pa.types.is_string(service_type) or pa.types.is_large_string(service_type) or pa.types.is_dictionary(service_type)):
+    names_type = service_type.value_type if pa.types.is_dictionary(service_type) else service_type
+    if not (pa.types.is_string(names_type) or pa.types.is_large_string(names_type)):
         raise UserError(f"column 'service' is {service_type}, not a string; store service names as strings")
     if not _is_numeric(schema.field(TARGET_COLUMN).type):
         raise UserError(f"column {TARGET_COLUMN!r} is {schema.field(TARGET_COLUMN).type}, not numeric milliseconds")
     partition_keys = _partition_keys(root, files)
     features = resolve_feature_columns(schema, feature_columns, exclude=sorted(partition_keys))
 
-    # the target may also be a feature (its own history): read it once
-    columns = list(dict.fromkeys([TIMESTAMP_COLUMN, SERVICE_COLUMN, *features, TARGET_COLUMN]))
+    row_filter = _time_filter(dataset, partition_keys, start, end)
+    unit = schema.field(TIMESTAMP_COLUMN).type.unit
     try:
-        table = dataset.to_table(columns=columns, filter=_time_filter(dataset, partition_keys, start, end))
+        # Two scans, batch by batch, so that the Arrow copy of the store never exists whole: the
+        # keys first, to find each row's place, then the values, written straight to that place.
+        keys = _read_keys(_scan(dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit)
+        if keys is None:
+            span = "" if start is None and end is None else f" between {start} and {end}"
+            raise UserError(f"the feature store {path} has no rows{span}; check the path and the time range")
+        # the target may also be a feature (its own history): read it once
+        columns = list(dict.fromkeys([TIMESTAMP_COLUMN, *features, TARGET_COLUMN]))
+        matrix, target = _read_values(_scan(dataset, columns, row_filter), keys, features, unit)
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that all files share one schema") from error
-    if table.num_rows == 0:
-        span = "" if start is None and end is None else f" between {start} and {end}"
-        raise UserError(f"the feature store {path} has no rows{span}; check the path and the time range")
-    return _to_series_table(table, features)
+    return SeriesTable(keys.minutes, keys.codes, keys.names, matrix, target, list(features))
 
 
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _to_series_table(table: pa.Table, features: list[str]) -> SeriesTable:
-    timestamps = table.column(TIMESTAMP_COLUMN)
-    if timestamps.null_count:
-        raise UserError(f"{timestamps.null_count} rows have no timestamp; every row needs its minute")
-    nanos = pc.cast(pc.cast(timestamps, pa.timestamp("ns", tz=timestamps.type.tz)), pa.int64())
-    minutes = np.floor_divide(nanos.to_numpy(), _NS_PER_MINUTE)
+_UNITS_PER_MINUTE = {"s": 60, "ms": 60_000, "us": 60_000_000, "ns": _NS_PER_MINUTE}
 
-    services = table.column(SERVICE_COLUMN)
-    if services.null_count:
-        raise UserError(f"{services.null_count} rows have no service name; every row needs its service")
-    encoded = pc.dictionary_encode(pc.cast(services, pa.string()) if pa.types.is_dictionary(services.type) else services).combine_chunks()
-    names = encoded.dictionary.to_pylist()
-    rank = np.argsort(np.argsort(np.array(names, dtype=object)))  # sorted names get codes 0..S-1
-    codes = rank[encoded.indices.to_numpy()].astype(np.int32)
 
-    order = np.lexsort((minutes, codes))
-    minutes = minutes[order]
-    codes = codes[order]
+def _scan(dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | None) -> Iterator[pa.RecordBatch]:
+    """The non-empty record batches of ``columns``, in the same order on every scan.
+
+    One row group at a time: a scan of the whole dataset decodes ahead of a slower consumer
+    without bound, so the Arrow copy of a large store would pile up in memory.
+    """
+    pool = pa.default_memory_pool()
+    for fragment in dataset.get_fragments(filter=row_filter):
+        for part in fragment.split_by_row_group(filter=row_filter, schema=dataset.schema):
+            for batch in part.to_batches(schema=dataset.schema, columns=columns, filter=row_filter, batch_size=_BATCH_ROWS):
+                if batch.num_rows:
+                    yield batch
+            pool.release_unused()  # the allocator keeps pages freed across threads until asked
+
+
+def _minutes(stamps: pa.Array, unit: str) -> np.ndarray:
+    """Minutes since the epoch, floored, of a timestamp array without nulls."""
+    return np.floor_divide(stamps.cast(pa.int64()).to_numpy(), _UNITS_PER_MINUTE[unit])
+
+
+@dataclass
+class _Keys:
+    """Where each scanned row goes: ``destination[i]`` is the sorted position of the i-th row scanned."""
+
+    minutes: np.ndarray  # (n_rows,) int64, sorted by (service, minute)
+    codes: np.ndarray  # (n_rows,) int32
+    names: list[str]
+    destination: np.ndarray  # (n_rows,) int64
+
+
+def _read_keys(batches: Iterable[pa.RecordBatch], unit: str) -> _Keys | None:
+    """Minutes and service codes of every row, sorted by (service, minute); None without rows."""
+    seen: dict[str, int] = {}  # service name -> code in order of first appearance
+    minutes, codes = [], []
+    null_timestamps = null_services = 0
+    for batch in batches:
+        stamps, services = batch.column(0), batch.column(1)
+        null_timestamps += stamps.null_count
+        null_services += services.null_count
+        if null_timestamps or null_services:
+            continue  # only counted, for the message
+        minutes.append(_minutes(stamps, unit))
+        encoded = services if pa.types.is_dictionary(services.type) else services.dictionary_encode()
+        indices = encoded.indices.to_numpy(zero_copy_only=False)
+        lookup = np.full(len(encoded.dictionary), -1, dtype=np.int32)
+        used = np.flatnonzero(np.bincount(indices, minlength=len(lookup)))  # a dictionary may hold unused names
+        for index, name in zip(used, encoded.dictionary.take(pa.array(used)).to_pylist()):
+            lookup[index] = seen.setdefault(name, len(seen))
+        codes.append(lookup[indices])
+    if null_timestamps:
+        raise UserError(f"{null_timestamps} rows have no timestamp; every row needs its minute")
+    if null_services:
+        raise UserError(f"{null_services} rows have no service name; every row needs its service")
+    if not minutes:
+        return None
+    names = sorted(seen)
+    position = {name: code for code, name in enumerate(names)}
+    minutes = np.concatenate(minutes)
+    codes = np.array([position[name] for name in seen], dtype=np.int32)[np.concatenate(codes)]
+    first, span = int(minutes.min()), int(minutes.max() - minutes.min()) + 1
+    if span * len(names) < 2**62:  # one int64 key: its stable sort is lexsort((minutes, codes)), faster
+        order = np.argsort(codes.astype(np.int64) * span + (minutes - first), kind="stable")
+    else:
+        order = np.lexsort((minutes, codes))
+    minutes, codes = minutes[order], codes[order]
     duplicate = (np.diff(minutes) == 0) & (np.diff(codes) == 0)
     if duplicate.any():
-        first = int(np.flatnonzero(duplicate)[0])
+        at = int(np.flatnonzero(duplicate)[0])
         raise UserError(
-            f"{int(duplicate.sum())} duplicate (service, minute) rows, e.g. {sorted(names)[codes[first]]} at "
-            f"{format_minute(minutes[first])}; the store must hold one row per service and minute"
+            f"{int(duplicate.sum())} duplicate (service, minute) rows, e.g. {names[codes[at]]} at "
+            f"{format_minute(minutes[at])}; the store must hold one row per service and minute"
         )
-    matrix = np.empty((len(order), len(features)), dtype=np.float32)
-    for j, name in enumerate(features):  # one column at a time keeps peak memory near one matrix
-        matrix[:, j] = _as_float(table.column(name))[order]
-    target = _as_float(table.column(TARGET_COLUMN))[order].astype(np.float32)
-    return SeriesTable(minutes, codes, sorted(names), matrix, target, list(features))
+    destination = np.empty_like(order)
+    destination[order] = np.arange(len(order))
+    return _Keys(minutes, codes, names, destination)
 
 
-def _as_float(column: pa.ChunkedArray) -> np.ndarray:
+def _read_values(
+    batches: Iterable[pa.RecordBatch], keys: _Keys, features: Sequence[str], unit: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_rows, n_features) float32 features and (n_rows,) float32 target, each batch written
+    straight to its rows' sorted places."""
+    n = len(keys.minutes)
+    matrix = np.empty((n, len(features)), dtype=np.float32)
+    target = np.empty(n, dtype=np.float32)
+    offset = 0
+    for batch in batches:
+        place = keys.destination[offset : offset + batch.num_rows]
+        if len(place) < batch.num_rows or not np.array_equal(keys.minutes[place], _minutes(batch.column(0), unit)):
+            raise UserError("the feature store changed while it was being read; read it again")
+        block = np.empty((batch.num_rows, len(features)), dtype=np.float32)
+        for j, name in enumerate(features):
+            block[:, j] = _as_float(batch.column(name))
+        matrix[place] = block
+        target[place] = _as_float(batch.column(TARGET_COLUMN))
+        offset += batch.num_rows
+    if offset != n:
+        raise UserError("the feature store changed while it was being read; read it again")
+    return matrix, target
+
+
+def _as_float(column: pa.Array) -> np.ndarray:
     """Numeric column as a float array, nulls as NaN."""
-    if not pa.types.is_floating(column.type) or column.null_count:
+    if not pa.types.is_floating(column.type):
         column = pc.cast(column, pa.float64())
-    return column.to_numpy()
+    return column.to_numpy(zero_copy_only=False)  # a float array's nulls become NaN
 
 
 def format_minute(minute: int | np.integer) -> str:
@@ -350,25 +429,33 @@ def window_ends(table: SeriesTable, sequence_length: int, horizon: int) -> tuple
     """
     n = len(table)
     span = sequence_length + horizon
-    ends = np.arange(sequence_length - 1, max(sequence_length - 1, n - horizon), dtype=np.int64)
-    first = ends - (sequence_length - 1)
-    last = ends + horizon
-    complete = (table.service_codes[first] == table.service_codes[last]) & (
-        table.minutes[last] - table.minutes[first] == span - 1
-    )
-    ends = ends[complete]
-    bad_row = ~np.isfinite(table.features).all(axis=1)
-    bad_before = np.concatenate(([0], np.cumsum(bad_row, dtype=np.int64)))
-    nan_input = bad_before[ends + 1] - bad_before[ends + 1 - sequence_length] > 0
-    nan_target = ~(np.isfinite(table.target[ends + horizon]) & np.isfinite(table.target[ends]))
+    L = sequence_length
+    # Everything by slices over window start positions k (inputs k .. k+L-1, target k+L-1+H):
+    # no index arrays and no gathers, so the temporaries are a few booleans per row.
+    starts = max(n - span + 1, 0)
+    complete = table.service_codes[:starts] == table.service_codes[span - 1 :]
+    complete &= table.minutes[span - 1 :] - table.minutes[:starts] == span - 1
+    finite = np.ones(n, dtype=bool)
+    for column in range(table.features.shape[1]):  # column by column: faster than .all(axis=1) over short rows
+        finite &= np.isfinite(table.features[:, column])
+    bad_before = np.zeros(n + 1, dtype=np.int32 if n < 2**31 else np.int64)
+    np.cumsum(~finite, out=bad_before[1:])
+    del finite
+    nan_input = bad_before[L : L + starts] - bad_before[:starts] > 0
+    del bad_before
+    target_finite = np.isfinite(table.target)
+    nan_target = ~(target_finite[span - 1 : span - 1 + starts] & target_finite[L - 1 : L - 1 + starts])
+    del target_finite
     counts = WindowCounts(
         rows=n,
-        incomplete_span=n - len(ends),
-        nan_input=int(nan_input.sum()),
-        nan_target=int((nan_target & ~nan_input).sum()),
-        samples=int((~nan_input & ~nan_target).sum()),
+        incomplete_span=n - int(complete.sum()),
+        nan_input=int((complete & nan_input).sum()),
+        nan_target=int((complete & nan_target & ~nan_input).sum()),
+        samples=int((complete & ~nan_input & ~nan_target).sum()),
     )
-    return ends[~nan_input & ~nan_target], counts
+    complete &= ~nan_input
+    complete &= ~nan_target
+    return np.flatnonzero(complete) + (L - 1), counts
 
 
 @dataclass(frozen=True)
@@ -409,7 +496,8 @@ def fraction_splits(
     Cut points are quantiles of the minutes present in the store, so idle stretches (a store
     holding two separate days) do not distort the shares.
     """
-    present = np.unique(table.minutes)
+    first_minute = int(table.minutes.min())
+    present = first_minute + np.flatnonzero(np.bincount(table.minutes - first_minute))  # np.unique, in linear time
     last = int(present[-1]) + 1
     cut_validation = int(present[int(len(present) * (1 - validation_fraction - test_fraction))])
     cut_test = int(present[min(len(present) - 1, int(len(present) * (1 - test_fraction)))])
@@ -435,9 +523,13 @@ class FeatureScaler:
     scaler: StandardScaler = field(default_factory=StandardScaler)
 
     def _transform_block(self, block: np.ndarray) -> np.ndarray:
+        """A new array: the transform of ``block`` (same dtype)."""
         if self.transform_name == "log1p":
-            return np.sign(block) * np.log1p(np.abs(block))
-        return block
+            out = np.abs(block)
+            np.log1p(out, out=out)
+            out *= np.sign(block)  # in place: the same values as sign(block) * log1p(|block|), fewer temporaries
+            return out
+        return block.copy()
 
     def fit(self, features: np.ndarray, rows: np.ndarray) -> "FeatureScaler":
         """Fit on ``features[rows]`` (``rows`` a boolean mask), chunk by chunk; NaNs are ignored."""
@@ -461,8 +553,10 @@ class FeatureScaler:
         mean = self.scaler.mean_.astype(np.float32)
         scale = self.scaler.scale_.astype(np.float32)
         for start in range(0, len(features), _CHUNK_ROWS):
-            block = features[start : start + _CHUNK_ROWS]
-            out[start : start + _CHUNK_ROWS] = (self._transform_block(block) - mean) / scale
+            block = self._transform_block(features[start : start + _CHUNK_ROWS])
+            block -= mean
+            block /= scale
+            out[start : start + _CHUNK_ROWS] = block
         return out
 
     def state(self, feature_columns: Sequence[str]) -> dict:

@@ -179,6 +179,40 @@ def require_samples(ends: np.ndarray, what: str, time_range: TimeRange, settings
         )
 
 
+def untrained_forecaster(
+    table: SeriesTable,
+    fit_range: TimeRange,
+    data_config: DataConfig,
+    model_config: ModelConfig,
+    training_config: TrainingConfig,
+    latency_thresholds: LatencyThresholds | None = None,
+) -> Forecaster:
+    """Scalers fitted on ``fit_range`` rows only, and a freshly initialised (seeded) model."""
+    device = training.resolve_device(training_config.device)
+    training.configure_threads(training_config.num_threads)
+    fit_rows = data.rows_in(table, fit_range)
+    scaler = FeatureScaler(data_config.feature_transform).fit(table.features, fit_rows)
+    normalizer = TargetNormalizer.fit(table, fit_rows)
+    torch.manual_seed(training_config.seed)
+    model = build_model(len(table.feature_columns), len(table.services), model_config, normalizer).to(device)
+    settings = {
+        "data": config.to_dict(data_config),
+        "model": config.to_dict(model_config),
+        "training": config.to_dict(training_config),
+    }
+    return Forecaster(
+        model,
+        scaler,
+        normalizer,
+        list(table.services),
+        list(table.feature_columns),
+        settings,
+        device,
+        latency_thresholds or LatencyThresholds(data_config.latency_threshold),
+        AlertRule.uncalibrated(model_config.multitask),
+    )
+
+
 def fit_forecaster(
     table: SeriesTable,
     fit_range: TimeRange,
@@ -195,29 +229,7 @@ def fit_forecaster(
     The returned forecaster alerts with the uncalibrated rule; see :func:`calibrate`.
     Returns the forecaster, the table prepared for it, and the per-epoch history.
     """
-    device = training.resolve_device(training_config.device)
-    training.configure_threads(training_config.num_threads)
-    fit_rows = data.rows_in(table, fit_range)
-    scaler = FeatureScaler(data_config.feature_transform).fit(table.features, fit_rows)
-    normalizer = TargetNormalizer.fit(table, fit_rows)
-    torch.manual_seed(training_config.seed)
-    model = build_model(len(table.feature_columns), len(table.services), model_config, normalizer).to(device)
-    settings = {
-        "data": config.to_dict(data_config),
-        "model": config.to_dict(model_config),
-        "training": config.to_dict(training_config),
-    }
-    forecaster = Forecaster(
-        model,
-        scaler,
-        normalizer,
-        list(table.services),
-        list(table.feature_columns),
-        settings,
-        device,
-        latency_thresholds or LatencyThresholds(data_config.latency_threshold),
-        AlertRule.uncalibrated(model_config.multitask),
-    )
+    forecaster = untrained_forecaster(table, fit_range, data_config, model_config, training_config, latency_thresholds)
     prepared = prepare(table, forecaster)
     if len(prepared.ends) == 0:
         raise UserError(
@@ -230,7 +242,7 @@ def fit_forecaster(
     stop_ends = data.samples_in(prepared.ends, table, stop_range, L, H)
     require_samples(train_ends, "training", fit_range, data_config)
     require_samples(stop_ends, "early-stopping (validation)", stop_range, data_config)
-    history = training.fit(model, prepared.tensors, train_ends, stop_ends, training_config, progress, log)
+    history = training.fit(forecaster.model, prepared.tensors, train_ends, stop_ends, training_config, progress, log)
     return forecaster, prepared, history
 
 

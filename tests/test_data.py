@@ -52,6 +52,23 @@ def test_integer_feature_with_nulls_becomes_nan(tmp_path):
     assert np.isnan(table.features[:, 0]).sum() == len(frame) // 2
 
 
+def test_rows_from_many_row_groups_land_sorted_whatever_their_order(tmp_path):
+    """The reader streams row group by row group and places each row by its (service, minute)."""
+    frame = hand_frame(services=("b", "a", "c"), minutes=40)
+    frame.loc[::7, "cpu"] = np.nan
+    shuffled = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    arrow = pa.Table.from_pandas(shuffled, preserve_index=False)
+    arrow = arrow.set_column(arrow.schema.get_field_index("service"), "service", arrow.column("service").dictionary_encode())
+    path = str(tmp_path / "s.parquet")
+    pq.write_table(arrow, path, row_group_size=17)
+    table = data.load_feature_store(path)
+    expected = frame.sort_values(["service", "timestamp"])
+    assert table.services == ["a", "b", "c"]
+    np.testing.assert_array_equal(table.features[:, 0], expected["cpu"].to_numpy(np.float32))
+    np.testing.assert_array_equal(table.target, expected["target_latency_p99"].to_numpy(np.float32))
+    assert (np.diff(table.minutes)[np.diff(table.service_codes) == 0] == 1).all()
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -1,0 +1,94 @@
+"""What every benchmark shares: the machine line, medians, and the result rows that
+``bench.run_all`` writes into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable, Sequence
+
+import torch
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: on a shared machine they say how much to trust a time."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine(packages: Sequence[str] = ("numpy", "pyarrow", "shap")) -> str:
+    """One line: platform, CPU model, cores, torch and its thread count, package versions, load."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as stream:
+            cpu = next(line.split(":", 1)[1].strip() for line in stream if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = "; ".join(f"{name} {_version(name)}" for name in packages)
+    return (
+        f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs; python {platform.python_version()}; "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads; {versions}; load average {load_average()}"
+    )
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that reproduces this run."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m", module, *arguments])
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+@dataclass
+class Result:
+    """One row of the BENCHMARKS.md table.
+
+    ``ratio`` compares two numbers measured in the same run; ``measure`` says which over which.
+    ``met`` is None where the row has no target.
+    """
+
+    benchmark: str
+    measure: str
+    value: str  # the median, with its unit
+    ratio: float | None
+    target: str
+    met: bool | None
+    command: str
+    load: str  # load average when the measurement ended
+
+    def row(self) -> str:
+        ratio = "" if self.ratio is None else f"{self.ratio:.2f}x"
+        met = {None: "", True: "yes", False: "**no**"}[self.met]
+        return f"| {self.benchmark} | {self.measure} | {self.value} | {ratio} | {self.target} | {met} | `{self.command}` | {self.load} |"
+
+
+TABLE_HEADER = (
+    "| benchmark | measure | median | ratio | target | met? | command | load (1/5/15 min) |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def print_results(results: Sequence[Result]) -> None:
+    print(TABLE_HEADER)
+    for result in results:
+        print(result.row())
+
+
+def run_benchmark(measure: Callable[[Sequence[str] | None], list[Result]]) -> int:
+    """A benchmark module's ``__main__``: measure with the command line's flags, print the table."""
+    results = measure(None)
+    if results:  # a child process of a benchmark prints its own JSON line instead
+        print_results(results)
+    return 0
