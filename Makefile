@@ -5,9 +5,6 @@ BENCH_VENV := .venv-bench
 PY := $(VENV)/bin/python
 STORE ?= feature_store
 ARTIFACTS ?= artifacts
-# OpenMP threads that spin while waiting stall every LSTM step when other jobs share the cores
-# (one epoch took 85x longer at 2 threads under load); waiting asleep costs nothing in results.
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test bench setup clean
 
