@@ -46,7 +46,7 @@ def _ours(store: str) -> int:
     table = data.load_feature_store(store)
     splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
     forecaster = pipeline.untrained_forecaster(table, splits.train, settings, ModelConfig(), TrainingConfig(device="cpu"))
-    prepared = pipeline.prepare(table, forecaster)
+    prepared = pipeline.prepare(table, forecaster, inplace=True)  # as train.py does
     for name in ("train", "validation", "test"):
         data.samples_in(prepared.ends, table, getattr(splits, name), settings.sequence_length, settings.horizon)
     return table.features.nbytes

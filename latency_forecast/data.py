@@ -616,8 +616,14 @@ class TargetNormalizer:
         return cls(location, scale, pooled, float(log_target[usable].max()))
 
     def normalize(self, latency_ms: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
-        log_latency = np.log1p(np.maximum(latency_ms.astype(np.float64), 0.0))
-        return ((log_latency - self.location[service_codes]) / self.scale[service_codes]).astype(np.float32)
+        """(n,) float32; computed in float64 by chunks, so a long store needs no n-row float64 copies."""
+        out = np.empty(len(latency_ms), dtype=np.float32)
+        for start in range(0, len(latency_ms), _CHUNK_ROWS):
+            chunk = slice(start, start + _CHUNK_ROWS)
+            log_latency = np.log1p(np.maximum(latency_ms[chunk].astype(np.float64), 0.0))
+            codes = service_codes[chunk]
+            out[chunk] = (log_latency - self.location[codes]) / self.scale[codes]
+        return out
 
     def denormalize(self, normalized: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
         """Normalised predictions back to milliseconds (float64), at most the training maximum.

@@ -223,14 +223,17 @@ def fit_forecaster(
     progress: bool = True,
     log: Callable[[str], None] = print,
     latency_thresholds: LatencyThresholds | None = None,
+    inplace: bool = False,
 ) -> tuple[Forecaster, PreparedSeries, list[dict]]:
     """Fit scalers on ``fit_range`` rows only, then train with early stopping on ``stop_range``.
 
     The returned forecaster alerts with the uncalibrated rule; see :func:`calibrate`.
     Returns the forecaster, the table prepared for it, and the per-epoch history.
+    ``inplace`` (for callers that own ``table``) scales its features in their own memory
+    instead of a second copy of the feature matrix.
     """
     forecaster = untrained_forecaster(table, fit_range, data_config, model_config, training_config, latency_thresholds)
-    prepared = prepare(table, forecaster)
+    prepared = prepare(table, forecaster, inplace=inplace)
     if len(prepared.ends) == 0:
         raise UserError(
             f"too little data for one window: none of the {len(table):,} rows starts {data_config.window_minutes} "
