@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({', '.join(table.feature_columns)})"
     )
     forecaster, prepared, history = pipeline.fit_forecaster(
-        table, splits.train, splits.validation, data_config, model_config, training_config, not output.quiet, log, thresholds
+        table, splits.train, splits.validation, data_config, model_config, training_config, not output.quiet, log, thresholds,
+        inplace=True,  # the raw features are not needed again
     )
     L, H = data_config.sequence_length, data_config.horizon
     split_ends = {name: data.samples_in(prepared.ends, table, getattr(splits, name), L, H) for name in ("train", "validation", "test")}
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         matched = metrics.calibrate_threshold(validation.persistence_score, validation.breach, alert_config.target_fpr)
         if matched is not None:
             persistence_thresholds["persistence_at_target_fpr"] = matched
+    persistence_thresholds["persistence_at_model_false_alarms"] = _match_model_false_alarms(validation, H)
     report = {
         "validation": validation.model_metrics,
         "test": test.model_metrics,
@@ -181,13 +183,22 @@ def _alert_thresholds_ms(forecaster: pipeline.Forecaster, table: data.SeriesTabl
     return {name: float(r * ms) for name, r, ms in zip(table.services, ratios, latency)}
 
 
+def _match_model_false_alarms(validation: pipeline.Evaluation, horizon: int) -> float:
+    """Persistence's threshold that pages as often as the model did on validation."""
+    model = metrics.episode_metrics(validation.service_codes, validation.target_minutes, validation.breach, validation.alert, horizon)
+    return metrics.match_false_alarm_rate(
+        validation.service_codes, validation.target_minutes, validation.breach, validation.persistence_score,
+        model["false_alarm_episodes_per_service_day"] or 0.0,
+    )
+
+
 def _tradeoff_figure(test: pipeline.Evaluation, alerting: dict, target_fpr: float):
     curves = {
         "model": metrics.roc_points(test.score, test.breach),
         "persistence": metrics.roc_points(test.persistence_score, test.breach),
     }
     points = {"model (chosen)": (test.model_metrics["false_positive_rate"], test.model_metrics["true_positive_rate"])}
-    for name in ("persistence", "persistence_at_target_fpr"):
+    for name in ("persistence", "persistence_at_target_fpr", "persistence_at_model_false_alarms"):
         if name in alerting:
             points[name.replace("_", " ")] = (alerting[name]["false_positive_rate"], alerting[name]["true_positive_rate"])
     return plots.alert_tradeoff(curves, points, target_fpr or None)
@@ -221,6 +232,13 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     matched = alerting.get("persistence_at_target_fpr")
     if matched:
         print(f"{'  persistence at same FPR':26}{'':12}{matched['anticipated_episodes']:>10}/{matched['episodes']:<3}")
+    paged = alerting["persistence_at_model_false_alarms"]
+    print(f"{'  at same false alarms':26}{'':12}{paged['anticipated_episodes']:>10}/{paged['episodes']:<3}")
+    per_day = "false_alarm_episodes_per_service_day"
+    print(f"{'false alarms /service-day':26}{number(model[per_day], '{:.2f}'):>12}{number(persistence[per_day], '{:.2f}'):>14}")
+    if matched:
+        print(f"{'  persistence at same FPR':26}{'':12}{number(matched[per_day], '{:.2f}'):>14}")
+    print(f"{'  at same false alarms':26}{'':12}{number(paged[per_day], '{:.2f}'):>14}")
     print(
         f"{'confusion (TP/FP/TN/FN)':26}"
         f"{test['true_positives']}/{test['false_positives']}/{test['true_negatives']}/{test['false_negatives']}"

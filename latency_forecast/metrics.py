@@ -151,9 +151,8 @@ def episode_metrics(
         leads = [first - t for t in range(first - horizon, first) if (code, t) in fired]
         if leads:
             lead_times.append(max(leads))
-    alarm_starts, alarm_ends = _runs(codes, minutes, alert)
-    breach_before = np.concatenate(([0], np.cumsum(breach)))
-    false_alarms = int(np.sum(breach_before[alarm_ends + 1] - breach_before[alarm_starts] == 0))
+    alarm_starts, _ = _runs(codes, minutes, alert)
+    false_alarms = _false_alarm_episodes(codes, minutes, breach, alert)
     service_days = len(codes) / 1440.0
     return {
         "episodes": int(len(starts)),
@@ -164,3 +163,36 @@ def episode_metrics(
         "false_alarm_episodes": false_alarms,
         "false_alarm_episodes_per_service_day": float(false_alarms / service_days) if service_days else None,
     }
+
+
+def _false_alarm_episodes(codes: np.ndarray, minutes: np.ndarray, breach: np.ndarray, alert: np.ndarray) -> int:
+    """Runs of consecutive alerted minutes none of which breached (inputs sorted by code, minute)."""
+    alarm_starts, alarm_ends = _runs(codes, minutes, alert)
+    breach_before = np.concatenate(([0], np.cumsum(breach)))
+    return int(np.sum(breach_before[alarm_ends + 1] - breach_before[alarm_starts] == 0))
+
+
+def match_false_alarm_rate(
+    service_codes: np.ndarray, target_minutes: np.ndarray, breach: np.ndarray, score: np.ndarray, per_service_day: float
+) -> float:
+    """The most sensitive threshold on ``score`` whose false-alarm episodes per service-day are at
+    most ``per_service_day``: a baseline held to the same paging load as the model.
+
+    Equal minute-level FPR is not equal noise for an on-call engineer: a baseline whose false
+    alarms come as many short blips pages far more often. The threshold is lowered from above all
+    scores (no alarm) through 512 quantiles of the top decile of non-breach scores until the rate
+    first exceeds the budget: the rate is not monotone (alerting always is one long episode), so
+    a lower threshold that meets it again is not taken.
+    """
+    order = np.lexsort((target_minutes, service_codes))
+    codes, minutes = np.asarray(service_codes)[order], np.asarray(target_minutes)[order]
+    breach, score = np.asarray(breach, dtype=bool)[order], np.asarray(score, dtype=np.float64)[order]
+    service_days = len(codes) / 1440.0
+    negatives = score[~breach & np.isfinite(score)]
+    candidates = np.unique(np.quantile(negatives, np.linspace(0.9, 1.0, 512))) if len(negatives) else np.array([])
+    chosen = float(np.nextafter(np.nanmax(score), np.inf))
+    for threshold in candidates[::-1]:
+        if _false_alarm_episodes(codes, minutes, breach, score >= threshold) > per_service_day * service_days:
+            break
+        chosen = float(threshold)
+    return chosen

@@ -83,3 +83,22 @@ def test_ranking_metrics():
     breach = np.array([0, 0, 1, 1], dtype=bool)
     assert metrics.ranking_metrics(np.array([0.1, 0.2, 0.8, 0.9]), breach) == {"roc_auc": 1.0, "pr_auc": 1.0}
     assert metrics.ranking_metrics(np.array([0.1, 0.2]), np.array([False, False])) == {"roc_auc": None, "pr_auc": None}
+
+
+def test_false_alarm_matching_picks_the_most_sensitive_threshold_within_the_paging_budget():
+    # one service, two days of minutes (2 service-days), no breach at all
+    minutes = np.arange(2880)
+    codes = np.zeros(2880, dtype=np.int64)
+    breach = np.zeros(2880, dtype=bool)
+    score = np.zeros(2880)
+    score[100:110] = 0.9  # one long run: a single false-alarm episode above 0.8
+    score[[500, 700, 900, 1100]] = 0.6  # four isolated blips, each its own episode above 0.5
+    rate = lambda threshold: metrics.episode_metrics(codes, minutes, breach, score >= threshold, 0)["false_alarm_episodes_per_service_day"]
+
+    budget = 0.5  # one episode over the two days
+    threshold = metrics.match_false_alarm_rate(codes[::-1], minutes[::-1], breach[::-1], score[::-1], budget)  # any order
+    assert rate(threshold) <= budget and 0.6 < threshold <= 0.9
+    generous = metrics.match_false_alarm_rate(codes, minutes, breach, score, 2.5)  # five episodes allowed
+    assert rate(generous) <= 2.5 and generous <= 0.6
+    none = metrics.match_false_alarm_rate(codes, minutes, breach, score, 0.0)
+    assert not (score >= none).any()
