@@ -131,7 +131,11 @@ class PreparedSeries:
     ends: np.ndarray  # (n_samples,) row index where each valid sample's inputs end
     counts: data.WindowCounts
     unknown_services: list[str]
-    latency_threshold: np.ndarray  # (n_rows,) the breach threshold of each row's service, ms
+    service_thresholds: np.ndarray  # (n_services of the table,) each service's breach threshold, ms
+
+    def latency_threshold(self, rows: np.ndarray) -> np.ndarray:
+        """The breach threshold (ms) of each given row's service."""
+        return self.service_thresholds[self.table.service_codes[rows]]
 
 
 def prepare(table: SeriesTable, forecaster: Forecaster, inplace: bool = False) -> PreparedSeries:
@@ -147,17 +151,17 @@ def prepare(table: SeriesTable, forecaster: Forecaster, inplace: bool = False) -
         )
     settings = forecaster.data_config
     known = {name: code for code, name in enumerate(forecaster.services)}
-    code_map = np.array([known.get(name, -1) for name in table.services], dtype=np.int64)
+    code_map = np.array([known.get(name, -1) for name in table.services], dtype=np.int32)  # int32: one per row
     model_codes = code_map[table.service_codes]
     ends, counts = data.window_ends(table, settings.sequence_length, settings.horizon)
     ends = ends[model_codes[ends] >= 0]
     scaled = forecaster.scaler.transform(table.features, inplace=inplace)
     target = forecaster.target_normalizer.normalize(table.target, np.maximum(model_codes, 0))
-    latency_threshold = forecaster.latency_thresholds.for_services(table.services)[table.service_codes]
+    service_thresholds = np.asarray(forecaster.latency_thresholds.for_services(table.services), dtype=np.float64)
     device = forecaster.device
     breach = None
     if forecaster.model.multitask:
-        breach = torch.from_numpy((table.target >= latency_threshold).astype(np.float32)).to(device)
+        breach = torch.from_numpy((table.target >= service_thresholds[table.service_codes]).astype(np.float32)).to(device)
     tensors = training.SeriesTensors(
         inputs=torch.from_numpy(scaled).to(device),
         target=torch.from_numpy(target).to(device),
@@ -167,7 +171,7 @@ def prepare(table: SeriesTable, forecaster: Forecaster, inplace: bool = False) -
         breach=breach,
     )
     unknown = [name for name, code in zip(table.services, code_map) if code < 0]
-    return PreparedSeries(table, tensors, ends, counts, unknown, latency_threshold)
+    return PreparedSeries(table, tensors, ends, counts, unknown, service_thresholds)
 
 
 def require_samples(ends: np.ndarray, what: str, time_range: TimeRange, settings: DataConfig) -> None:
@@ -311,7 +315,7 @@ def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray)
     table = prepared.table
     actual = table.target[ends + horizon].astype(np.float64)
     persistence = table.target[ends].astype(np.float64)
-    threshold = prepared.latency_threshold[ends]
+    threshold = prepared.latency_threshold(ends)
     forecast, probability = _predict(forecaster, prepared, ends)
     score = alert_scores(forecaster, forecast, probability, threshold)
     alert_threshold = forecaster.alert.thresholds_for(table.services)[table.service_codes[ends]]

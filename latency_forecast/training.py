@@ -47,7 +47,7 @@ class SeriesTensors:
 
     inputs : (n_rows, n_features) float32, scaled features
     target : (n_rows,) float32, standardised log latency (NaN where missing)
-    service_codes : (n_rows,) int64, the model's service index for each row
+    service_codes : (n_rows,) int32 or int64, the model's service index for each row
     """
 
     inputs: torch.Tensor
@@ -61,7 +61,7 @@ class SeriesTensors:
         """Windows (batch, sequence_length, n_features), service codes and targets for these ends."""
         offsets = torch.arange(1 - self.sequence_length, 1, device=ends.device)
         windows = self.inputs[ends[:, None] + offsets]
-        return windows, self.service_codes[ends], self.target[ends + self.horizon]
+        return windows, self.service_codes[ends].long(), self.target[ends + self.horizon]
 
     def breach_labels(self, ends: torch.Tensor) -> torch.Tensor:
         """Whether the target minute t+H of each sample breached (multitask label)."""
