@@ -127,4 +127,7 @@ def test_metrics_json_has_the_on_call_numbers(tiny_store, tmp_path):
     for split in ("validation", "test"):
         for who in ("model", "persistence"):
             assert {"roc_auc", "pr_auc", "episodes", "anticipated_share", "median_lead_minutes", "false_alarm_episodes_per_service_day"} <= set(alerting[split][who])
+    # persistence held to the model's paging load: matched on validation, never paging more there
+    paged, model = alerting["validation"]["persistence_at_model_false_alarms"], alerting["validation"]["model"]
+    assert paged["false_alarm_episodes_per_service_day"] <= model["false_alarm_episodes_per_service_day"] + 1e-12
     assert (tmp_path / "alert_tradeoff.png").stat().st_size > 10_000
