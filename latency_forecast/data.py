@@ -424,7 +424,7 @@ def window_ends(table: SeriesTable, sequence_length: int, horizon: int) -> tuple
 
     Returns
     -------
-    ends : (n_samples,) int64, sorted
+    ends : (n_samples,) sorted; int32 below 2^31 rows (half the memory of the largest index array)
     counts : why the other positions were dropped
     """
     n = len(table)
@@ -438,7 +438,8 @@ def window_ends(table: SeriesTable, sequence_length: int, horizon: int) -> tuple
     finite = np.ones(n, dtype=bool)
     for column in range(table.features.shape[1]):  # column by column: faster than .all(axis=1) over short rows
         finite &= np.isfinite(table.features[:, column])
-    bad_before = np.zeros(n + 1, dtype=np.int32 if n < 2**31 else np.int64)
+    index_dtype = np.int32 if n < 2**31 else np.int64
+    bad_before = np.zeros(n + 1, dtype=index_dtype)
     np.cumsum(~finite, out=bad_before[1:])
     del finite
     nan_input = bad_before[L : L + starts] - bad_before[:starts] > 0
@@ -455,7 +456,9 @@ def window_ends(table: SeriesTable, sequence_length: int, horizon: int) -> tuple
     )
     complete &= ~nan_input
     complete &= ~nan_target
-    return np.flatnonzero(complete) + (L - 1), counts
+    ends = np.flatnonzero(complete).astype(index_dtype)
+    ends += L - 1
+    return ends, counts
 
 
 @dataclass(frozen=True)
