@@ -124,3 +124,18 @@ def test_failed_run_keeps_earlier_artifacts(tiny_store, tmp_path, monkeypatch):
     assert train.main([*argv, "--seed", "9"]) == 130
     after = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     assert after == before
+
+
+def test_dev_store_comparison_runs_on_two_stores(tiny_store, tmp_path, capsys):
+    from latency_forecast import data, synthetic
+    from tools import dev_stores
+
+    frame, _ = synthetic.generate(days=3, n_services=4, seed=8, faults_per_day=3.0)
+    other = str(tmp_path / "other")
+    data.write_feature_store(frame, other)
+    flags = [flag for flag in TINY_TRAINING if flag != "--quiet"]
+    assert dev_stores.main(["--dev-stores", f"{tiny_store},{other}", *flags]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("judged on all of" in line for line in lines) == 2 and all("MAE ratio" in line for line in lines[1:])
+    assert dev_stores.main(["--dev-stores", tiny_store]) == 2
+    assert "two or more stores" in capsys.readouterr().err
