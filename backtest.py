@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Sequence
 
-from latency_forecast import artifacts, backtesting, config, data, plots
+from latency_forecast import artifacts, backtesting, config, data, pipeline, plots
 from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, StoreConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 
@@ -61,12 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = (lambda message: None) if backtest_config.quiet else print
     started = time.perf_counter()
 
-    table = data.load_feature_store(
-        store.feature_store_path,
-        data_config.feature_columns,
-        data.parse_timestamp(store.start_ts, "--start-ts"),
-        data.parse_timestamp(store.end_ts, "--end-ts"),
-    )
+    table = pipeline.load_store(store, data_config.feature_columns)
     span = backtesting.data_span(table)
     folds = backtesting.plan_folds(span, backtest_config, data_config)
     backtesting.check_folds(table, folds, data_config)

@@ -83,12 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = (lambda message: None) if output.quiet else print
     started = time.perf_counter()
 
-    table = data.load_feature_store(
-        store.feature_store_path,
-        data_config.feature_columns,
-        data.parse_timestamp(store.start_ts, "--start-ts"),
-        data.parse_timestamp(store.end_ts, "--end-ts"),
-    )
+    table = pipeline.load_store(store, data_config.feature_columns)
     unknown = sorted(set(thresholds.per_service) - set(table.services))
     if unknown:
         pipeline.warn(f"--latency-thresholds names services not in the store: {', '.join(unknown)}")
@@ -106,9 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipeline.require_samples(split_ends["test"], "test", splits.test, data_config)
 
     # The operating point is chosen on validation; the test split only measures it.
-    validation = pipeline.evaluate(forecaster, prepared, split_ends["validation"])
-    calibration = pipeline.calibrate(forecaster, validation, table, alert_config)
-    validation = validation.with_alert_rule(forecaster.alert, table.services)
+    validation, calibration = pipeline.calibrated_evaluation(forecaster, prepared, split_ends["validation"], alert_config)
     test = pipeline.evaluate(forecaster, prepared, split_ends["test"])
     evaluations = {"validation": validation, "test": test}
     persistence_thresholds = {"persistence": 1.0}

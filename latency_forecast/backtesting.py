@@ -210,9 +210,7 @@ def train_fold(task: FoldTask) -> tuple[pipeline.Forecaster, list[dict], dict[st
     )
     L, H = data_config.sequence_length, data_config.horizon
     stop_ends = data.samples_in(prepared.ends, train_table, fold.early_stopping, L, H)
-    stopping = pipeline.evaluate(forecaster, prepared, stop_ends)
-    calibration = pipeline.calibrate(forecaster, stopping, train_table, task.alert_config)
-    calibrated = stopping.with_alert_rule(forecaster.alert, train_table.services)
+    calibrated, calibration = pipeline.calibrated_evaluation(forecaster, prepared, stop_ends, task.alert_config)
     samples = {"fit": len(data.samples_in(prepared.ends, train_table, fold.fit, L, H)), "early_stopping": len(stop_ends)}
     return forecaster, history, samples, {**calibration, "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]}
 

@@ -151,8 +151,8 @@ def episode_metrics(
         leads = [first - t for t in range(first - horizon, first) if (code, t) in fired]
         if leads:
             lead_times.append(max(leads))
-    alarm_starts, _ = _runs(codes, minutes, alert)
-    false_alarms = _false_alarm_episodes(codes, minutes, breach, alert)
+    alarm_starts, alarm_ends = _runs(codes, minutes, alert)
+    false_alarms = _false_alarms(breach, alarm_starts, alarm_ends)
     service_days = len(codes) / 1440.0
     return {
         "episodes": int(len(starts)),
@@ -165,9 +165,8 @@ def episode_metrics(
     }
 
 
-def _false_alarm_episodes(codes: np.ndarray, minutes: np.ndarray, breach: np.ndarray, alert: np.ndarray) -> int:
-    """Runs of consecutive alerted minutes none of which breached (inputs sorted by code, minute)."""
-    alarm_starts, alarm_ends = _runs(codes, minutes, alert)
+def _false_alarms(breach: np.ndarray, alarm_starts: np.ndarray, alarm_ends: np.ndarray) -> int:
+    """How many alert runs (start/end indices from :func:`_runs`) hold no breach minute."""
     breach_before = np.concatenate(([0], np.cumsum(breach)))
     return int(np.sum(breach_before[alarm_ends + 1] - breach_before[alarm_starts] == 0))
 
@@ -192,7 +191,7 @@ def match_false_alarm_rate(
     candidates = np.unique(np.quantile(negatives, np.linspace(0.9, 1.0, 512))) if len(negatives) else np.array([])
     chosen = float(np.nextafter(np.nanmax(score), np.inf))
     for threshold in candidates[::-1]:
-        if _false_alarm_episodes(codes, minutes, breach, score >= threshold) > per_service_day * service_days:
+        if _false_alarms(breach, *_runs(codes, minutes, score >= threshold)) > per_service_day * service_days:
             break
         chosen = float(threshold)
     return chosen

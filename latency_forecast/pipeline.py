@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -355,6 +355,26 @@ def calibrate(forecaster: Forecaster, validation: Evaluation, table: SeriesTable
                     rule.per_service[table.services[code]] = own
     forecaster.alert = rule
     return rule.as_dict()
+
+
+def calibrated_evaluation(
+    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig
+) -> tuple[Evaluation, dict]:
+    """Evaluate on ``ends`` (never test samples), calibrate the alert rule there (:func:`calibrate`),
+    and return that evaluation under the calibrated rule, with the calibration report."""
+    evaluation = evaluate(forecaster, prepared, ends)
+    calibration = calibrate(forecaster, evaluation, prepared.table, alert_config)
+    return evaluation.with_alert_rule(forecaster.alert, prepared.table.services), calibration
+
+
+def load_store(store: config.StoreConfig, feature_columns: Sequence[str] | None) -> SeriesTable:
+    """The store named by the --feature-store-path/--start-ts/--end-ts flags."""
+    return data.load_feature_store(
+        store.feature_store_path,
+        feature_columns,
+        data.parse_timestamp(store.start_ts, "--start-ts"),
+        data.parse_timestamp(store.end_ts, "--end-ts"),
+    )
 
 
 def alerting_report(evaluation: Evaluation, horizon: int, persistence_thresholds: dict[str, float]) -> dict[str, dict]:

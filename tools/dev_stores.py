@@ -74,9 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             table, splits.train, splits.validation, data_config, model_config, training_config,
             progress=False, log=lambda message: None, latency_thresholds=config.latency_thresholds(data_config),
         )
-        validation = pipeline.evaluate(forecaster, prepared, data.samples_in(prepared.ends, table, splits.validation, L, H))
-        pipeline.calibrate(forecaster, validation, table, alert_config)
-        validation = validation.with_alert_rule(forecaster.alert, table.services)
+        validation_ends = data.samples_in(prepared.ends, table, splits.validation, L, H)
+        validation, _ = pipeline.calibrated_evaluation(forecaster, prepared, validation_ends, alert_config)
         persistence_threshold = metrics.calibrate_threshold(validation.persistence_score, validation.breach, alert_config.target_fpr or 0.01)
         other = data.load_feature_store(other_store, forecaster.feature_columns)
         unseen = pipeline.prepare(other, forecaster)
