@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `... | head`
 
 
 class UserError(Exception):
@@ -19,6 +21,7 @@ def cli_entrypoint(main: Callable[[Sequence[str] | None], int]) -> Callable[[Seq
 
     Anything else is a bug and keeps its traceback. An interrupt exits 130; artifacts are
     staged and only moved into place at the end of a run, so earlier ones survive it.
+    A reader that closes stdout early (``| head``) ends the run quietly with 141, no traceback.
     """
 
     @functools.wraps(main)
@@ -31,5 +34,9 @@ def cli_entrypoint(main: Callable[[Sequence[str] | None], int]) -> Callable[[Seq
         except KeyboardInterrupt:
             print("interrupted: no artifact was changed", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # stdout is gone; point it at devnull so the interpreter's final flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
 
     return wrapper

@@ -54,3 +54,24 @@ def test_round_trip_through_plain_dict_ignores_unknown_keys():
     original = ModelConfig(cell="gru", hidden_size=12)
     values = {**config.to_dict(original), "from_a_newer_version": 1}
     assert config.from_dict(ModelConfig, values) == original
+
+
+def test_closed_stdout_ends_a_script_quietly():
+    import subprocess
+    import sys
+
+    script = (
+        "from latency_forecast.errors import cli_entrypoint\n"
+        "@cli_entrypoint\n"
+        "def main(argv=None):\n"
+        "    for line in range(200_000):\n"
+        "        print('line', line)\n"
+        "    return 0\n"
+        "raise SystemExit(main())\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()  # the reader goes away, as `| head -1` does
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
