@@ -135,11 +135,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     settings = {"store": config.to_dict(store), **forecaster.settings, "alert": config.to_dict(alert_config)}
     forecaster.settings = settings
+    explainable = True
+    if pipeline.needs_cause_model(forecaster.feature_columns):
+        if pipeline.cause_columns(forecaster.feature_columns):
+            log("training the cause model that explains the forecasts (level forecast from the telemetry features alone)")
+            cause_history = pipeline.fit_cause_model(
+                forecaster, prepared, split_ends["train"], split_ends["validation"], training_config, not output.quiet, log
+            )
+            report["cause_model"] = {"purpose": pipeline.CAUSE_MODEL_PURPOSE, "history": cause_history}
+        else:
+            explainable = False
+            pipeline.warn(f"no telemetry features besides {config.TARGET_COLUMN}: nothing to explain the forecasts with")
     background = explain.build_background(
         prepared.tensors, split_ends["train"], len(forecaster.services), importance_config.background_size, training_config.seed
     )
     importance = None
-    if importance_config.shap_samples:
+    if importance_config.shap_samples and explainable:
         explain_started = time.perf_counter()
         importance = explain.feature_importance(
             forecaster, prepared, validation.ends, validation.alert, background,

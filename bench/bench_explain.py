@@ -34,7 +34,8 @@ FEATURES = {
 
 
 def _trained(store: str, features: list[str]) -> tuple[pipeline.Forecaster, pipeline.PreparedSeries, data.Splits]:
-    """A default-sized forecaster, briefly trained (costs do not depend on the weights)."""
+    """A default-sized level model (what explanations run on: the cause model, or a forecaster with
+    --anchor none), briefly trained (costs do not depend on the weights)."""
     table = data.load_feature_store(store, features)
     data_config = DataConfig(feature_columns=features)
     splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)

@@ -20,7 +20,9 @@ import torch
 
 from latency_forecast.errors import UserError
 
-FORMAT_VERSION = 1
+# 2: a model that reads the latency's history forecasts the change from the latency at t
+# (model.anchor) and is explained through a cause model; version 1 did neither
+FORMAT_VERSION = 2
 CHECKPOINT_KEYS = (
     "format_version",
     "config",
@@ -30,6 +32,7 @@ CHECKPOINT_KEYS = (
     "latency_thresholds",
     "alert",
     "state_dict",
+    "cause_model_state_dict",
 )
 
 

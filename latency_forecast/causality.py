@@ -353,6 +353,7 @@ def analyze(
                 "predicted": float(forecasts.forecast[position]),
                 "actual": float(forecasts.actual[position]),
                 "base_value": float(attributions.base_values[i]),
+                "explained_forecast": float(attributions.outputs[i]),  # = base_value + sum(scores)
                 "top_feature": rankings[position][0] if rankings[position] else None,
                 "top3": rankings[position][:3],
                 "scores": scores,

@@ -108,6 +108,12 @@ class ModelConfig:
     service_embedding_dim: int = _setting(
         8, "size of the learned per-service embedding fed to the head (0 disables it)"
     )
+    anchor: str = _setting(
+        "auto",
+        f"auto: when {TARGET_COLUMN} is an input (named in --feature-columns), forecast the change from "
+        "the service's latency at t (persistence plus a learned correction); none: always forecast the level",
+        choices=("auto", "none"),
+    )
     multitask: bool = _setting(
         False, "add a head for the breach probability, trained jointly; alerts then fire on that probability"
     )

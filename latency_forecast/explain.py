@@ -121,8 +121,9 @@ class Attributions:
 
     values : (n_windows, n_features) ms; ``base_values + values.sum(1) == outputs``
     base_values : (n_windows,) ms, the forecast averaged over the service's background
-    outputs : (n_windows,) ms, the model's forecast for each window
+    outputs : (n_windows,) ms, the explained model's forecast for each window
     exact : (n_windows,) bool, False where coalitions were sampled (too many features)
+    subject : which forecast was explained (the forecaster's, or its cause model's)
     """
 
     values: np.ndarray
@@ -132,6 +133,7 @@ class Attributions:
     feature_columns: list[str]
     sequence_length: int
     background: str
+    subject: str = "the forecast"
 
     @property
     def method(self) -> str:
@@ -142,7 +144,7 @@ class Attributions:
         else:
             how = f"Shapley values, exact for {int(self.exact.sum())} windows and from sampled coalitions for {int((~self.exact).sum())}"
         return (
-            f"grouped interventional {how} of the forecast p99 latency in ms; one player per feature, "
+            f"grouped interventional {how} of {self.subject} (p99 latency in ms); one player per feature, "
             f"covering all {self.sequence_length} minutes of the window; a coalition keeps the window's "
             f"values and takes the background's for the other features; {self.background}"
         )
@@ -207,7 +209,10 @@ def explain_service(
     """
     device = next(model.parameters()).device
     n_windows, _, n_features = windows.shape
-    players = np.flatnonzero(~null_features(windows, background))
+    # columns the model does not read (a cause model skips the latency's own history) are null
+    # players too: exactly 0, and out of the game
+    read = np.ones(n_features, dtype=bool) if model.input_columns is None else np.isin(np.arange(n_features), model.input_columns.cpu().numpy())
+    players = np.flatnonzero(~null_features(windows, background) & read)
     x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(device)
     reference = torch.from_numpy(np.ascontiguousarray(background, dtype=np.float32)).to(device)
     outputs = forecast_windows(model, normalizer, x, service_code)
@@ -267,11 +272,18 @@ def explain(
             chosen = positions[start : start + EXPLAIN_BATCH]
             windows = series.batch(torch.as_tensor(ends[chosen], dtype=torch.int64, device=device))[0].cpu().numpy()
             result = explain_service(
-                forecaster.model, forecaster.target_normalizer, windows, int(code), reference, weights, config, seed
+                forecaster.explained_model, forecaster.target_normalizer, windows, int(code), reference, weights, config, seed
             )
             values[chosen], base[chosen], outputs[chosen], exact[chosen] = result
+    subject = "the forecast"
+    if forecaster.cause_model is not None:
+        subject = (
+            "the cause model's forecast (the forecaster's network, forecasting the level from the telemetry "
+            "features alone; the alerting forecaster also reads the latency's own history, which would take "
+            "the credit, so that history scores 0 here)"
+        )
     return Attributions(
-        values, base, outputs, exact, list(forecaster.feature_columns), series.sequence_length, background.description
+        values, base, outputs, exact, list(forecaster.feature_columns), series.sequence_length, background.description, subject
     )
 
 

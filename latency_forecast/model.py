@@ -24,6 +24,11 @@ class LatencyForecaster(nn.Module):
     ``logaddexp`` in log space, returned standardised per service like the target.
     A single relative output had to learn "+2 s" as a different multiplier for every service,
     and extrapolated a fault seen on one service wildly on another.
+
+    An ``anchored`` model (one that reads the latency's own history) starts the relative part
+    from the service's latency at t (``current``, standardised like the target): the network
+    forecasts the change, so a plateau is forecast as itself and a fault the model never saw on
+    this service is not extrapolated from a normal level to another service's peak.
     """
 
     def __init__(
@@ -34,7 +39,11 @@ class LatencyForecaster(nn.Module):
         location: Sequence[float] | None = None,
         scale: Sequence[float] | None = None,
         pooled: tuple[float, float] = (0.0, 1.0),
+        input_columns: Sequence[int] | None = None,
+        anchored: bool = False,
     ):
+        """``input_columns``: the model reads only these columns of the windows it is given
+        (``n_features`` of them); None reads all ``n_features``."""
         super().__init__()
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[config.cell]
         self.rnn = recurrent(
@@ -53,27 +62,45 @@ class LatencyForecaster(nn.Module):
             nn.Linear(config.hidden_size, 3 if config.multitask else 2),
         )
         self.multitask = config.multitask
+        self.anchored = anchored
         with torch.no_grad():  # the absolute part starts small: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
         # target statistics (from training rows), so the head can mix the two parts
         self.register_buffer("location", torch.as_tensor(location if location is not None else [0.0] * n_services, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale if scale is not None else [1.0] * n_services, dtype=torch.float32))
         self.register_buffer("pooled", torch.as_tensor(pooled, dtype=torch.float32))
+        self.input_columns: torch.Tensor | None
+        if input_columns is None:
+            self.input_columns = None
+        else:
+            if len(input_columns) != n_features:
+                raise ValueError(f"{len(input_columns)} input columns for a model of {n_features} features")
+            self.register_buffer("input_columns", torch.as_tensor(list(input_columns), dtype=torch.int64))
 
     def forward(
-        self, windows: torch.Tensor, service_codes: torch.Tensor, with_breach: bool = False
+        self,
+        windows: torch.Tensor,
+        service_codes: torch.Tensor,
+        current: torch.Tensor | None = None,
+        with_breach: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) -> (batch,).
+        """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) and, for an
+        anchored model, ``current`` (batch,) the standardised latency at t -> (batch,).
 
         With ``with_breach`` (multitask models) also the breach logit, (batch,).
         """
+        if self.anchored and current is None:
+            raise ValueError("this model forecasts the change from the latency at t: pass current")
+        if self.input_columns is not None:
+            windows = windows.index_select(-1, self.input_columns)
         output, _ = self.rnn(windows)
         last = output[:, -1]
         if self.embedding is not None:
             last = torch.cat([last, self.embedding(service_codes)], dim=-1)
         heads = self.head(last)
         location, scale = self.location[service_codes], self.scale[service_codes]
-        relative = location + scale * heads[:, 0]
+        change = heads[:, 0] + current if self.anchored else heads[:, 0]
+        relative = location + scale * change
         absolute = self.pooled[0] + self.pooled[1] * heads[:, 1]
         forecast = (torch.logaddexp(relative, absolute) - location) / scale
         if with_breach:

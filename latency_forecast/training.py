@@ -63,6 +63,10 @@ class SeriesTensors:
         windows = self.inputs[ends[:, None] + offsets]
         return windows, self.service_codes[ends].long(), self.target[ends + self.horizon]
 
+    def current(self, ends: torch.Tensor) -> torch.Tensor:
+        """The standardised latency at t of each sample (what an anchored model starts from)."""
+        return self.target[ends]
+
     def breach_labels(self, ends: torch.Tensor) -> torch.Tensor:
         """Whether the target minute t+H of each sample breached (multitask label)."""
         assert self.breach is not None, "breach labels were not prepared"
@@ -118,12 +122,13 @@ def predict(
     multitask = model.multitask
     forecasts, probabilities = [], []
     for i in range(0, len(ends), batch_size):
-        windows, services, _ = series.batch(ends_tensor[i : i + batch_size])
+        batch = ends_tensor[i : i + batch_size]
+        windows, services, _ = series.batch(batch)
         if multitask:
-            forecast, logit = model(windows, services, with_breach=True)
+            forecast, logit = model(windows, services, series.current(batch), with_breach=True)
             probabilities.append(torch.sigmoid(logit))
         else:
-            forecast = model(windows, services)
+            forecast = model(windows, services, series.current(batch))
         forecasts.append(forecast)
     if not forecasts:
         return np.zeros(0, dtype=np.float32), (np.zeros(0, dtype=np.float32) if multitask else None)
@@ -137,8 +142,8 @@ def _batch_loss(
     """Regression loss, plus the weighted breach BCE for a multitask model."""
     windows, services, target = series.batch(ends)
     if not multitask:
-        return loss(model(windows, services), target)
-    forecast, logit = model(windows, services, with_breach=True)
+        return loss(model(windows, services, series.current(ends)), target)
+    forecast, logit = model(windows, services, series.current(ends), with_breach=True)
     pos_weight = torch.tensor(config.breach_pos_weight, device=logit.device)
     breach_loss = F.binary_cross_entropy_with_logits(logit, series.breach_labels(ends), pos_weight=pos_weight)
     return loss(forecast, target) + config.breach_loss_weight * breach_loss

@@ -11,16 +11,20 @@ import torch
 
 import analyze_causality
 import train
-from latency_forecast import artifacts, causality, data, explain, pipeline
+from latency_forecast import artifacts, causality, data, explain, pipeline, synthetic
 from tests.conftest import TINY_TRAINING, hand_frame, write_frame
 
 HORIZON = 2  # TINY_TRAINING's
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_store):
+@pytest.fixture(scope="module", params=["telemetry", "latency_history"])
+def trained(request, tmp_path_factory, tiny_store):
+    """A forecaster of the telemetry alone (explained directly), and one that also reads the
+    latency's own history (explained through its cause model)."""
     out = tmp_path_factory.mktemp("explained")
     argv = ["--feature-store-path", tiny_store, "--output-dir", str(out), *TINY_TRAINING, "--shap-samples", "24", "--background-size", "4"]
+    if request.param == "latency_history":
+        argv += ["--feature-columns", ",".join([*synthetic.FEATURE_COLUMNS, "target_latency_p99"])]
     assert train.main(argv) == 0
     return str(out)
 
@@ -116,12 +120,18 @@ def test_analyze_end_to_end_with_a_chaos_manifest(alerting, tiny_store, tmp_path
         assert {"service", "timestamp", "predicted", "actual", "top_feature", "scores", "fault"} <= set(event)
         assert event["timestamp"].endswith("Z") and list(event["scores"]) == features
         assert event["predicted"] >= report["model"]["latency_thresholds"]["default"] <= event["actual"]
-        assert event["top_feature"] == max(event["scores"], key=event["scores"].get)
-        assert event["base_value"] + sum(event["scores"].values()) == pytest.approx(event["predicted"], rel=1e-5)
+        causes = {name: score for name, score in event["scores"].items() if name != "target_latency_p99"}
+        assert event["top_feature"] == max(causes, key=causes.get), "the latency's own history is never a cause"
+        assert event["base_value"] + sum(event["scores"].values()) == pytest.approx(event["explained_forecast"], rel=1e-5)
+        if "target_latency_p99" in features:
+            assert event["scores"]["target_latency_p99"] == 0.0, "the cause model does not read the latency history"
+            assert event["explained_forecast"] != event["predicted"], "the cause model's forecast, not the alert's"
+        else:
+            assert event["explained_forecast"] == pytest.approx(event["predicted"], rel=1e-6)
     validation = report["validation"]
     for key in ("top1_accuracy", "top3_accuracy", "detection_rate", "random_top1", "random_top3", "detected", "by_fault", "faults", "unscorable"):
         assert key in validation
-    assert validation["random_top1"] == pytest.approx(1 / len(features))
+    assert validation["random_top1"] == pytest.approx(1 / len(causes))
     assert validation["n_faults"] + validation["n_unscorable"] == len(json.loads(open(manifest).read()))
     assert len(validation["faults"]) == validation["n_faults"]
     for fault in validation["faults"]:

@@ -91,7 +91,9 @@ def test_many_features_fall_back_to_sampled_coalitions_and_say_so(rng):
 
 @pytest.fixture(scope="module")
 def fitted(tiny_store):
-    table = data.load_feature_store(tiny_store)
+    """A forecaster that reads the latency's own history, so its explanations go through a cause model."""
+    telemetry = data.load_feature_store(tiny_store).feature_columns
+    table = data.load_feature_store(tiny_store, [*telemetry, "target_latency_p99"])
     data_config = DataConfig(sequence_length=6, horizon=2)
     splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
     forecaster, prepared, _ = pipeline.fit_forecaster(
@@ -99,6 +101,11 @@ def fitted(tiny_store):
         TrainingConfig(epochs=1, samples_per_epoch=1000, device="cpu"), progress=False, log=lambda _: None,
     )
     ends = {name: data.samples_in(prepared.ends, table, getattr(splits, name), 6, 2) for name in ("train", "validation")}
+    assert forecaster.model.anchored and pipeline.needs_cause_model(forecaster.feature_columns)
+    pipeline.fit_cause_model(
+        forecaster, prepared, ends["train"], ends["validation"], TrainingConfig(epochs=1, samples_per_epoch=1000, device="cpu"),
+        progress=False, log=lambda _: None,
+    )
     return forecaster, prepared, ends
 
 
@@ -107,11 +114,17 @@ def test_additivity_matches_the_forecast_in_ms(fitted):
     background = explain.build_background(prepared.tensors, ends["train"], len(forecaster.services), 5, seed=0, pool=200)
     chosen = ends["validation"][:: max(1, len(ends["validation"]) // 12)][:12]
     attributions = explain.explain(forecaster, prepared.tensors, chosen, background, ExplainConfig())
-    forecast = pipeline.forecast_ms(forecaster, prepared, chosen)
+    # what is explained is the cause model's forecast, in ms, the way every metric maps it
+    normalized, _ = training.predict(forecaster.cause_model, prepared.tensors, chosen)
+    codes = prepared.tensors.service_codes[torch.as_tensor(chosen)].numpy()
+    forecast = forecaster.target_normalizer.denormalize(normalized, codes)
     np.testing.assert_allclose(attributions.outputs, forecast, rtol=1e-5)
     np.testing.assert_allclose(attributions.base_values + attributions.values.sum(1), forecast, rtol=1e-5)
     constant = forecaster.feature_columns.index("node_cpu_cores")
     assert (attributions.values[:, constant] == 0).all()
+    history = forecaster.feature_columns.index("target_latency_p99")
+    assert (attributions.values[:, history] == 0).all(), "the cause model never reads the latency's own history"
+    assert "cause model" in attributions.method
     assert attributions.exact.all() and attributions.method.startswith("grouped interventional exact Shapley")
 
 

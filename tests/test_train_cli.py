@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train
-from latency_forecast import artifacts, metrics, pipeline, training
+from latency_forecast import artifacts, metrics, pipeline, synthetic, training
+from latency_forecast.errors import UserError
 from tests.conftest import TINY_TRAINING, hand_frame, write_frame
 
 
@@ -62,6 +63,47 @@ def test_checkpoint_round_trip_with_weights_only(trained, tiny_store):
     settings = forecaster.data_config
     ends = data.samples_in(prepared.ends, table, test_range, settings.sequence_length, settings.horizon)
     assert pipeline.evaluate(forecaster, prepared, ends).model_metrics == pytest.approx(report["test"])
+    assert not forecaster.model.anchored and forecaster.cause_model is None, "telemetry only: explained directly"
+
+
+@pytest.fixture(scope="module")
+def with_latency_history(tmp_path_factory, tiny_store):
+    out = str(tmp_path_factory.mktemp("history"))
+    features = ",".join([*synthetic.FEATURE_COLUMNS, "target_latency_p99"])
+    code = train.main(["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING, "--feature-columns", features])
+    assert code == 0
+    return out
+
+
+def _reload(directory: str, drop_cause_model: bool = False) -> pipeline.Forecaster:
+    checkpoint = torch.load(f"{directory}/latency_forecaster.pt", map_location="cpu", weights_only=True)
+    if drop_cause_model:
+        checkpoint["cause_model_state_dict"] = None
+    return pipeline.Forecaster.from_checkpoint(checkpoint, torch.load(f"{directory}/scaler.pt", weights_only=True), torch.device("cpu"))
+
+
+def test_latency_history_forecaster_is_anchored_and_keeps_its_cause_model(with_latency_history, tiny_store):
+    forecaster = _reload(with_latency_history)
+    assert forecaster.model.anchored and forecaster.cause_model is not None
+    assert forecaster.cause_model.input_columns.tolist() == pipeline.cause_columns(forecaster.feature_columns)
+    assert forecaster.explained_model is forecaster.cause_model
+    report = json.loads(open(f"{with_latency_history}/metrics.json").read())
+    assert report["cause_model"]["history"] and "never used for alerts" in report["cause_model"]["purpose"]
+    # the rebuilt forecaster reproduces the saved test metrics (it needs the latency at t)
+    from latency_forecast import data
+
+    table = data.load_feature_store(tiny_store, forecaster.feature_columns)
+    prepared = pipeline.prepare(table, forecaster)
+    split = report["data"]["splits"]["test"]
+    test_range = data.TimeRange(data.to_minute(data.parse_timestamp(split["start"], "")), data.to_minute(data.parse_timestamp(split["end"], "")))
+    settings = forecaster.data_config
+    ends = data.samples_in(prepared.ends, table, test_range, settings.sequence_length, settings.horizon)
+    assert pipeline.evaluate(forecaster, prepared, ends).model_metrics == pytest.approx(report["test"])
+
+
+def test_an_anchored_model_without_a_cause_model_cannot_be_explained(with_latency_history):
+    with pytest.raises(UserError, match="no cause model to explain"):
+        _reload(with_latency_history, drop_cause_model=True).explained_model
 
 
 def test_seed_example_command_runs(tiny_store, tmp_path, capsys):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from latency_forecast import training
@@ -25,6 +26,19 @@ def test_model_shapes_for_both_cells():
         assert out.shape == (5,)
     no_embedding = LatencyForecaster(4, 3, ModelConfig(service_embedding_dim=0, hidden_size=8))
     assert no_embedding(torch.randn(2, 3, 4), torch.tensor([0, 1])).shape == (2,)
+
+
+def test_anchored_model_forecasts_the_change_from_the_latency_at_t():
+    torch.manual_seed(0)
+    model = LatencyForecaster(2, 2, ModelConfig(hidden_size=4, dropout=0.0), [3.0, 5.0], [0.5, 0.2], (4.0, 1.0), anchored=True).eval()
+    with torch.no_grad():  # the network says "no change" and "no extra milliseconds"
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.tensor([0.0, -40.0]))
+    current = torch.tensor([-1.0, 0.0, 2.5])
+    forecast = model(torch.randn(3, 6, 2), torch.tensor([0, 1, 1]), current)
+    torch.testing.assert_close(forecast, current)  # persistence, in the standardised units
+    with pytest.raises(ValueError, match="pass current"):
+        model(torch.randn(3, 6, 2), torch.tensor([0, 1, 1]))
 
 
 def test_fit_learns_and_is_reproducible():
