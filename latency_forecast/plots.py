@@ -182,7 +182,7 @@ def causality_events(events: Sequence[dict], feature_columns: Sequence[str]) -> 
     span = max(highest - lowest, 1e-9)
     axes.set_ylim(lowest - 0.05 * span, highest + 0.18 * span)  # room for the fault labels above the bars
     axes.set_xticks(range(len(events)), [event["label"] for event in events], fontsize=7)
-    axes.set_ylabel("Shapley value of the forecast (ms)")
+    axes.set_ylabel("Shapley value of the explained forecast (ms)")
     axes.set_title("Why each predicted breach was predicted (hatched: the injected root cause)")
     handles = [Patch(color=colours[name], label=name) for name in feature_columns]
     axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
