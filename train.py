@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {"store": config.to_dict(store), **forecaster.settings, "alert": config.to_dict(alert_config)}
     forecaster.settings = settings
     explainable = True
-    if pipeline.needs_cause_model(forecaster.feature_columns):
+    if pipeline.reads_latency_history(forecaster.feature_columns):
         if pipeline.cause_columns(forecaster.feature_columns):
             log("training the cause model that explains the forecasts (level forecast from the telemetry features alone)")
             cause_history = pipeline.fit_cause_model(

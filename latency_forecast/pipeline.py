@@ -109,9 +109,8 @@ class Forecaster:
             )
         settings = checkpoint["config"]
         normalizer = TargetNormalizer.from_state(checkpoint["target_normalizer"])
-        model = build_model(
-            checkpoint["feature_columns"], len(checkpoint["services"]), config.from_dict(ModelConfig, settings["model"]), normalizer
-        )
+        model_config = config.from_dict(ModelConfig, settings["model"])
+        model = build_model(checkpoint["feature_columns"], len(checkpoint["services"]), model_config, normalizer)
         try:
             model.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as error:
@@ -119,7 +118,6 @@ class Forecaster:
         model.to(device).eval()
         cause_model = None
         if checkpoint["cause_model_state_dict"] is not None:
-            model_config = config.from_dict(ModelConfig, settings["model"])
             cause_model = build_cause_model(checkpoint["feature_columns"], len(checkpoint["services"]), model_config, normalizer)
             try:
                 cause_model.load_state_dict(checkpoint["cause_model_state_dict"])
@@ -156,7 +154,11 @@ def build_model(
 
 
 def reads_latency_history(feature_columns: Sequence[str]) -> bool:
-    """Whether the latency's own history is an input (only when the user names it: contract)."""
+    """Whether the latency's own history is an input (only when the user names it: contract).
+
+    Such a forecaster is anchored (with ``--anchor auto``) and explained through a cause model
+    (:func:`fit_cause_model`).
+    """
     return config.TARGET_COLUMN in feature_columns
 
 
@@ -176,19 +178,6 @@ CAUSE_MODEL_PURPOSE = (
 def cause_columns(feature_columns: Sequence[str]) -> list[int]:
     """Positions of the telemetry features, i.e. every input but the latency's own history."""
     return [i for i, name in enumerate(feature_columns) if name != config.TARGET_COLUMN]
-
-
-def needs_cause_model(feature_columns: Sequence[str]) -> bool:
-    """Whether explanations need a model of their own.
-
-    A forecaster that reads the latency's own history (and starts from the latency at t) leans
-    on that history: Shapley values of its forecast credit the latency itself, and the telemetry
-    that moved it gets little. On the demo store's chaos runs the top-ranked feature then matched
-    the injected root cause for about half the faults (0.60, 0.47, 0.55), against 0.96-1.00 for a
-    model of the level from telemetry alone. So such a forecaster is explained through a cause
-    model: the same network, forecasting the level, from the telemetry only.
-    """
-    return reads_latency_history(feature_columns)
 
 
 def build_cause_model(
@@ -211,7 +200,14 @@ def fit_cause_model(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Train ``forecaster.cause_model`` on the forecaster's samples (see :func:`needs_cause_model`).
+    """Train ``forecaster.cause_model`` on the forecaster's samples.
+
+    A forecaster that reads the latency's own history leans on it: Shapley values of its
+    forecast credit the latency itself, and the telemetry that moved it gets little. On the demo
+    store's chaos runs the top-ranked feature then matched the injected root cause for about half
+    the faults (0.60, 0.47, 0.55), against 0.96-1.00 for a model of the level from telemetry
+    alone. So such a forecaster is explained through a cause model: the same network,
+    forecasting the level, from the telemetry only.
 
     Same samples, scalers, target and loop as the forecaster (patience at least
     ``CAUSE_MODEL_MIN_PATIENCE``); its forecasts are never used for alerts or metrics, only

@@ -101,7 +101,7 @@ def fitted(tiny_store):
         TrainingConfig(epochs=1, samples_per_epoch=1000, device="cpu"), progress=False, log=lambda _: None,
     )
     ends = {name: data.samples_in(prepared.ends, table, getattr(splits, name), 6, 2) for name in ("train", "validation")}
-    assert forecaster.model.anchored and pipeline.needs_cause_model(forecaster.feature_columns)
+    assert forecaster.model.anchored and pipeline.reads_latency_history(forecaster.feature_columns)
     pipeline.fit_cause_model(
         forecaster, prepared, ends["train"], ends["validation"], TrainingConfig(epochs=1, samples_per_epoch=1000, device="cpu"),
         progress=False, log=lambda _: None,

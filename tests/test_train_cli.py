@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from latency_forecast import artifacts, metrics, pipeline, synthetic, training
+from latency_forecast import artifacts, data, metrics, pipeline, synthetic, training
 from latency_forecast.errors import UserError
 from tests.conftest import TINY_TRAINING, hand_frame, write_frame
 
@@ -50,20 +50,24 @@ def test_checkpoint_round_trip_with_weights_only(trained, tiny_store):
     assert checkpoint["config"]["model"]["hidden_size"] == 8
     assert scaler["feature_columns"] == checkpoint["feature_columns"]
     forecaster = pipeline.Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
-    from latency_forecast import data
-
     table = data.load_feature_store(tiny_store, forecaster.feature_columns)
     prepared = pipeline.prepare(table, forecaster)
     forecast = pipeline.forecast_ms(forecaster, prepared, prepared.ends[:100])
     assert forecast.shape == (100,) and np.isfinite(forecast).all() and (forecast >= 0).all()
-    # the rebuilt model reproduces the saved metrics exactly
-    report = json.loads(open(f"{trained}/metrics.json").read())
-    splits = report["data"]["splits"]["test"]
-    test_range = data.TimeRange(data.to_minute(data.parse_timestamp(splits["start"], "")), data.to_minute(data.parse_timestamp(splits["end"], "")))
+    _assert_reproduces_saved_test_metrics(forecaster, trained, tiny_store)
+    assert not forecaster.model.anchored and forecaster.cause_model is None, "telemetry only: explained directly"
+
+
+def _assert_reproduces_saved_test_metrics(forecaster: pipeline.Forecaster, directory: str, store: str) -> None:
+    """The rebuilt forecaster gives exactly the test metrics train.py saved."""
+    report = json.loads(open(f"{directory}/metrics.json").read())
+    table = data.load_feature_store(store, forecaster.feature_columns)
+    prepared = pipeline.prepare(table, forecaster)
+    split = report["data"]["splits"]["test"]
+    test_range = data.TimeRange(data.to_minute(data.parse_timestamp(split["start"], "")), data.to_minute(data.parse_timestamp(split["end"], "")))
     settings = forecaster.data_config
     ends = data.samples_in(prepared.ends, table, test_range, settings.sequence_length, settings.horizon)
     assert pipeline.evaluate(forecaster, prepared, ends).model_metrics == pytest.approx(report["test"])
-    assert not forecaster.model.anchored and forecaster.cause_model is None, "telemetry only: explained directly"
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +93,7 @@ def test_latency_history_forecaster_is_anchored_and_keeps_its_cause_model(with_l
     assert forecaster.explained_model is forecaster.cause_model
     report = json.loads(open(f"{with_latency_history}/metrics.json").read())
     assert report["cause_model"]["history"] and "never used for alerts" in report["cause_model"]["purpose"]
-    # the rebuilt forecaster reproduces the saved test metrics (it needs the latency at t)
-    from latency_forecast import data
-
-    table = data.load_feature_store(tiny_store, forecaster.feature_columns)
-    prepared = pipeline.prepare(table, forecaster)
-    split = report["data"]["splits"]["test"]
-    test_range = data.TimeRange(data.to_minute(data.parse_timestamp(split["start"], "")), data.to_minute(data.parse_timestamp(split["end"], "")))
-    settings = forecaster.data_config
-    ends = data.samples_in(prepared.ends, table, test_range, settings.sequence_length, settings.horizon)
-    assert pipeline.evaluate(forecaster, prepared, ends).model_metrics == pytest.approx(report["test"])
+    _assert_reproduces_saved_test_metrics(forecaster, with_latency_history, tiny_store)  # it needs the latency at t
 
 
 def test_an_anchored_model_without_a_cause_model_cannot_be_explained(with_latency_history):
@@ -169,7 +164,6 @@ def test_failed_run_keeps_earlier_artifacts(tiny_store, tmp_path, monkeypatch):
 
 
 def test_dev_store_comparison_runs_on_two_stores(tiny_store, tmp_path, capsys):
-    from latency_forecast import data, synthetic
     from tools import dev_stores
 
     frame, _ = synthetic.generate(days=3, n_services=4, seed=8, faults_per_day=3.0)
