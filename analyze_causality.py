@@ -18,28 +18,16 @@ from typing import Sequence
 
 import pandas as pd
 
-from latency_forecast import artifacts, causality, config, data, explain, pipeline, plots, training
+from latency_forecast import artifacts, causality, config, data, plots, store, training
 from latency_forecast.config import CausalityConfig, ExplainConfig, StoreConfig
-from latency_forecast.errors import UserError, cli_entrypoint
+from latency_forecast.errors import UserError, cli_entrypoint, warn
+from latency_forecast.forecaster import Forecaster
+
+CONFIGS = (CausalityConfig, StoreConfig, ExplainConfig)
 
 
 def build_parser() -> config.ArgumentParser:
-    return config.build_parser(
-        prog="analyze_causality.py",
-        description=__doc__,
-        parents=[config.parent_parser(CausalityConfig, StoreConfig, ExplainConfig)],
-    )
-
-
-def _load_background(checkpoint: dict, forecaster: pipeline.Forecaster, path: str) -> explain.Background:
-    state = checkpoint.get("explain_background")
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} carries no explanation background (it predates explanations); retrain it with train.py")
-    background = explain.Background.from_state(state)
-    expected = (forecaster.data_config.sequence_length, len(forecaster.feature_columns))
-    if background.windows.shape[1:] != expected:
-        raise UserError(f"checkpoint {path}: its explanation background does not match its model; retrain it with train.py")
-    return background
+    return config.build_parser(prog="analyze_causality.py", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
 
 
 def _read_manifest(path: str) -> list[causality.Fault]:
@@ -55,41 +43,26 @@ def _read_manifest(path: str) -> list[causality.Fault]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = config.from_args(CausalityConfig, args)
-    store = config.from_args(StoreConfig, args)
-    explain_config = config.from_args(ExplainConfig, args)
+    settings, store_config, explain_config = config.from_args(build_parser().parse_args(argv), *CONFIGS)
     started = time.perf_counter()
 
-    start = data.parse_timestamp(store.start_ts, "--start-ts")
-    end = data.parse_timestamp(store.end_ts, "--end-ts")
-    if start is not None and end is not None and start >= end:
-        raise UserError(f"--start-ts {store.start_ts} is not before --end-ts {store.end_ts}; swap or widen the range")
-    checkpoint = artifacts.load_checkpoint(settings.model_checkpoint)
-    scaler_state = artifacts.load_scaler_state(settings.scaler_path)
-    forecaster = pipeline.Forecaster.from_checkpoint(checkpoint, scaler_state, training.resolve_device("auto"))
-    background = _load_background(checkpoint, forecaster, settings.model_checkpoint)
+    start, end = store.time_bounds(store_config)
+    forecaster = Forecaster.load(settings.model_checkpoint, settings.scaler_path, training.resolve_device("auto"))
+    background = forecaster.require_background(settings.model_checkpoint)
     faults = _read_manifest(settings.chaos_manifest) if settings.chaos_manifest else None
 
-    data_config = forecaster.data_config
-    history = pd.Timedelta(minutes=data_config.sequence_length - 1 + data_config.horizon)
-    try:  # only the range, plus the history its first forecasts need
-        table = data.load_feature_store(
-            store.feature_store_path, forecaster.feature_columns, None if start is None else start - history, end
-        )
-    except data.ColumnError as error:
-        raise UserError(
-            f"the store does not hold the model's features ({error}); analyse the kind of store the model was trained on"
-        ) from error
+    history = pd.Timedelta(minutes=forecaster.data_config.window_minutes - 1)  # what the first window needs before start
+    table = store.load_model_features(store_config.feature_store_path, forecaster.feature_columns, None if start is None else start - history, end)
+    span = data.span(table)
     time_range = data.TimeRange(
-        data.to_minute(start) if start is not None else int(table.minutes.min()),
-        data.to_minute(end) if end is not None else int(table.minutes.max()) + 1,
+        data.to_minute(start) if start is not None else span.start, data.to_minute(end) if end is not None else span.end
     )
-    prepared = pipeline.prepare(table, forecaster, inplace=True)
+    prepared = forecaster.prepare(table, inplace=True)
     if prepared.unknown_services:
-        pipeline.warn(f"not forecast (unknown to the model): {', '.join(prepared.unknown_services)}")
-    seed = int(forecaster.settings.get("training", {}).get("seed", 0))
-    analysis = causality.analyze(forecaster, prepared, time_range, background, faults, settings, explain_config, seed)
+        warn(f"not forecast (unknown to the model): {', '.join(prepared.unknown_services)}")
+    analysis = causality.analyze(
+        forecaster, prepared, time_range, background, faults, settings, explain_config, forecaster.training_config.seed
+    )
     report = analysis.report
     report["model"]["checkpoint"] = os.path.abspath(settings.model_checkpoint)
 

@@ -12,20 +12,19 @@ import sys
 import time
 from typing import Sequence
 
-from latency_forecast import artifacts, backtesting, config, data, pipeline, plots
-from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, StoreConfig, TrainingConfig
+from latency_forecast import alerting, artifacts, backtesting, config, data, plots, store
+from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 
 
+CONFIGS = (StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BacktestConfig, ProgressConfig)
+
+
 def build_parser() -> config.ArgumentParser:
-    return config.build_parser(
-        prog="backtest.py",
-        description=__doc__,
-        parents=[config.parent_parser(StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BacktestConfig)],
-    )
+    return config.build_parser(prog="backtest.py", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
 
 
-def _rate(value: float | None) -> str:
+def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
@@ -35,7 +34,7 @@ def _progress_line(result: backtesting.FoldResult, n_folds: int) -> str:
         f"fold {fold.number}/{n_folds}  train {data.format_minute(fold.train.start)} .. {data.format_minute(fold.train.end)}  "
         f"val {data.format_minute(fold.validation.start)} .. {data.format_minute(fold.validation.end)}  "
         f"MAE {model['mae']:.1f} ms (persistence {baseline['mae']:.1f})  "
-        f"FPR {_rate(model['false_positive_rate'])}  TPR {_rate(model['true_positive_rate'])}  {result.seconds:.0f}s"
+        f"FPR {_percent(model['false_positive_rate'])}  TPR {_percent(model['true_positive_rate'])}  {result.seconds:.0f}s"
     )
 
 
@@ -49,20 +48,16 @@ def _output_paths(output: str) -> tuple[str, str, str]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    store = config.from_args(StoreConfig, args)
-    data_config = config.from_args(DataConfig, args)
-    model_config = config.from_args(ModelConfig, args)
-    training_config = config.from_args(TrainingConfig, args)
-    backtest_config = config.from_args(BacktestConfig, args)
-    alert_config = config.from_args(AlertConfig, args)
-    thresholds = config.latency_thresholds(data_config)
+    store_config, data_config, model_config, training_config, alert_config, backtest_config, progress = config.from_args(
+        build_parser().parse_args(argv), *CONFIGS
+    )
+    thresholds = alerting.read_latency_thresholds(data_config)
     directory, json_name, figure_name = _output_paths(backtest_config.output)
-    log = (lambda message: None) if backtest_config.quiet else print
+    log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
 
-    table = pipeline.load_store(store, data_config.feature_columns)
-    span = backtesting.data_span(table)
+    table = store.load_store(store_config, data_config.feature_columns)
+    span = data.span(table)
     folds = backtesting.plan_folds(span, backtest_config, data_config)
     backtesting.check_folds(table, folds, data_config)
     jobs = min(backtest_config.jobs, len(folds))
@@ -81,14 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         alert_config=alert_config,
         latency_thresholds=thresholds,
     )
-    settings = {
-        "store": config.to_dict(store),
+    run_config = {
+        "store": config.to_dict(store_config),
         "data": config.to_dict(data_config),
         "model": config.to_dict(model_config),
         "training": config.to_dict(training_config),
         "alert": config.to_dict(alert_config),
         "latency_thresholds": thresholds.as_dict(),
-        "backtest": config.to_dict(backtest_config),
+        "backtest": {**config.to_dict(backtest_config), **config.to_dict(progress)},
         "resolved": {
             "data_start": data.format_minute(span.start),
             "data_end": data.format_minute(span.end),
@@ -98,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads_per_fold": threads,
         },
     }
-    report = backtesting.report(results, settings)
+    report = backtesting.report(results, run_config)
     with artifacts.staged(directory) as stage:
         stage.write_json(json_name, report)
         stage.save_figure(figure_name, plots.backtest_folds(report["folds"]))
@@ -114,7 +109,7 @@ def _print_summary(report: dict, path: str, seconds: float) -> None:
         ratio = f"{model['mae'] / baseline['mae']:.2f}" if baseline["mae"] else "n/a"
         print(
             f"{fold['fold']:<6}{fold['val_start'] + ' .. ' + fold['val_end']:<44}{model['mae']:>10.1f}{baseline['mae']:>10.1f}"
-            f"{ratio:>7}{_rate(model['false_positive_rate']):>8}{_rate(model['true_positive_rate']):>8}"
+            f"{ratio:>7}{_percent(model['false_positive_rate']):>8}{_percent(model['true_positive_rate']):>8}"
         )
     summary, baseline = report["summary"], report["baseline_summary"]
 

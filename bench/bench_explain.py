@@ -24,7 +24,9 @@ import torch
 from shap.utils._legacy import DenseData
 
 from bench.common import Result, command, load_average, machine, run_benchmark
-from latency_forecast import data, explain, pipeline, synthetic
+from latency_forecast.forecaster import Forecaster, PreparedSeries, fit_forecaster
+from latency_forecast import data, explain, synthetic
+from latency_forecast import store as store_io  # `store` names store paths here
 from latency_forecast.config import DataConfig, ExplainConfig, ImportanceConfig, ModelConfig, TrainingConfig
 
 FEATURES = {
@@ -33,14 +35,14 @@ FEATURES = {
 }
 
 
-def _trained(store: str, features: list[str]) -> tuple[pipeline.Forecaster, pipeline.PreparedSeries, data.Splits]:
+def _trained(store: str, features: list[str]) -> tuple[Forecaster, PreparedSeries, data.Splits]:
     """A default-sized level model (what explanations run on: the cause model, or a forecaster with
     --anchor none), briefly trained (costs do not depend on the weights)."""
-    table = data.load_feature_store(store, features)
+    table = store_io.load_feature_store(store, features)
     data_config = DataConfig(feature_columns=features)
     splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
     training = TrainingConfig(epochs=1, samples_per_epoch=4000, device="cpu")
-    forecaster, prepared, _ = pipeline.fit_forecaster(
+    forecaster, prepared, _ = fit_forecaster(
         table, splits.train, splits.validation, data_config, ModelConfig(), training, progress=False, log=lambda _: None
     )
     return forecaster, prepared, splits
@@ -62,7 +64,7 @@ def run(n_features: int, store: str, n_windows: int, n_flat: int, repeats: int) 
     # the windows of one service with the highest forecasts: the spikes an SRE would ask about
     code = int(np.bincount(prepared.tensors.service_codes[validation_ends].numpy()).argmax())
     mine = validation_ends[prepared.tensors.service_codes[validation_ends].numpy() == code]
-    ends = np.sort(mine[np.argsort(-pipeline.forecast_ms(forecaster, prepared, mine))[:n_windows]])
+    ends = np.sort(mine[np.argsort(-forecaster.predict(prepared, mine)[0])[:n_windows]])
     windows = prepared.tensors.batch(torch.as_tensor(ends))[0].numpy()
     reference, weights = background.of_service(code)
     model, normalizer, config = forecaster.model, forecaster.target_normalizer, ExplainConfig()
@@ -133,7 +135,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as directory:
         store = os.path.join(directory, "store")
         frame, _ = synthetic.generate(days=8, n_services=8, seed=0)
-        data.write_feature_store(frame, store)
+        store_io.write_feature_store(frame, store)
         results = [run(int(f), store, args.windows, args.flat_windows, args.repeats) for f in args.features.split(",")]
     print(
         f"{'F':>3} {'coalitions':>10} {'background':>10} {'grouped, batched':>17} {'grouped, 1 window':>18} "

@@ -39,14 +39,15 @@ def _reset_peak() -> None:
 
 def _ours(store: str) -> int:
     """train.py's path up to training: every valid window of every split indexed."""
-    from latency_forecast import data, pipeline
+    from latency_forecast.forecaster import untrained_forecaster
+    from latency_forecast import data, store as store_io
     from latency_forecast.config import DataConfig, ModelConfig, TrainingConfig
 
     settings = DataConfig()
-    table = data.load_feature_store(store)
+    table = store_io.load_feature_store(store)
     splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
-    forecaster = pipeline.untrained_forecaster(table, splits.train, settings, ModelConfig(), TrainingConfig(device="cpu"))
-    prepared = pipeline.prepare(table, forecaster, inplace=True)  # as train.py does
+    forecaster = untrained_forecaster(table, splits.train, settings, ModelConfig(), TrainingConfig(device="cpu"))
+    prepared = forecaster.prepare(table, inplace=True)  # as train.py does
     for name in ("train", "validation", "test"):
         data.samples_in(prepared.ends, table, getattr(splits, name), settings.sequence_length, settings.horizon)
     return table.features.nbytes
@@ -58,18 +59,19 @@ def _bare(store: str) -> int:
     import pyarrow.dataset as ds
 
     from latency_forecast import data
+    from latency_forecast import store as store_io
     from latency_forecast.config import TARGET_COLUMN
 
     files = sorted(glob.glob(os.path.join(store, "**", "*.parquet"), recursive=True))
     dataset = ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=store)
-    features = data.resolve_feature_columns(dataset.schema, None, exclude=["date"])
+    features = store_io.resolve_feature_columns(dataset.schema, None, exclude=["date"])
     table = dataset.to_table(columns=[data.TIMESTAMP_COLUMN, data.SERVICE_COLUMN, *features, TARGET_COLUMN])
     return table.num_rows * len(features) * 4
 
 
 def child(contender: str, store: str) -> dict:
     """One measurement, in this (fresh) process: seconds, peak RSS above the post-import RSS, matrix size."""
-    import latency_forecast.pipeline  # noqa: F401  (imports are not part of the work)
+    import latency_forecast.forecaster  # noqa: F401  (imports are not part of the work)
     import pyarrow.dataset  # noqa: F401
 
     base = _status_mb("VmRSS")

@@ -27,7 +27,9 @@ import pandas as pd
 import torch
 
 from bench.common import Result, command, load_average, machine, median, run_benchmark
-from latency_forecast import data, pipeline, synthetic, training
+from latency_forecast.forecaster import untrained_forecaster
+from latency_forecast import data, synthetic, training
+from latency_forecast import store as store_io  # `store` names store paths here
 from latency_forecast.config import DataConfig, ModelConfig, TrainingConfig
 
 TARGET_RATIO = 2.0
@@ -38,8 +40,8 @@ class _Ours:
     def __init__(self, table: data.SeriesTable, splits: data.Splits, model_config: ModelConfig, batch_size: int):
         settings = DataConfig()
         self.batch_size = batch_size
-        forecaster = pipeline.untrained_forecaster(table, splits.train, settings, model_config, TrainingConfig(device="cpu"))
-        self.model, self.prepared = forecaster.model, pipeline.prepare(table, forecaster)
+        forecaster = untrained_forecaster(table, splits.train, settings, model_config, TrainingConfig(device="cpu"))
+        self.model, self.prepared = forecaster.model, forecaster.prepare(table)
         L, H = settings.sequence_length, settings.horizon
         self.train = data.samples_in(self.prepared.ends, table, splits.train, L, H)
         self.validation = data.samples_in(self.prepared.ends, table, splits.validation, L, H)[:VALIDATION_WINDOWS]
@@ -62,7 +64,7 @@ class _Darts:
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
         settings = DataConfig()
-        forecaster = pipeline.untrained_forecaster(table, splits.train, settings, ModelConfig(), TrainingConfig(device="cpu"))
+        forecaster = untrained_forecaster(table, splits.train, settings, ModelConfig(), TrainingConfig(device="cpu"))
         scaled = forecaster.scaler.transform(table.features)
         target = forecaster.target_normalizer.normalize(table.target, table.service_codes)
         bounds = table.service_bounds
@@ -130,8 +132,8 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="bench-training-") as directory:
         store = os.path.join(directory, "store")
         frame, _ = synthetic.generate(days=args.days, n_services=8, seed=0)
-        data.write_feature_store(frame, store)
-        table = data.load_feature_store(store)
+        store_io.write_feature_store(frame, store)
+        table = store_io.load_feature_store(store)
         settings = DataConfig()
         splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
         for size in args.sizes.split(","):

@@ -1,4 +1,4 @@
-"""Everything written to disk: atomic JSON/PNG/torch files and the checkpoint and scaler formats.
+"""Everything written to disk and torch files read back: atomic JSON/PNG/torch files, staged runs.
 
 A run stages its outputs in a hidden directory and moves them into place only when it has
 succeeded, so a failed or interrupted run never leaves a half-written file and never touches
@@ -19,21 +19,6 @@ import numpy as np
 import torch
 
 from latency_forecast.errors import UserError
-
-# 2: a model that reads the latency's history forecasts the change from the latency at t
-# (model.anchor) and is explained through a cause model; version 1 did neither
-FORMAT_VERSION = 2
-CHECKPOINT_KEYS = (
-    "format_version",
-    "config",
-    "feature_columns",
-    "services",
-    "target_normalizer",
-    "latency_thresholds",
-    "alert",
-    "state_dict",
-    "cause_model_state_dict",
-)
 
 
 def _json_default(value: Any) -> Any:
@@ -139,7 +124,8 @@ def replace_directory(staging: str, target: str) -> None:
         os.rename(staging, target)
 
 
-def _load_torch(path: str, what: str, flag: str) -> dict:
+def load_torch(path: str, what: str, flag: str) -> dict:
+    """A dict saved with ``torch.save``, loaded with ``weights_only=True`` (no pickled code runs)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist; run train.py first or pass {flag}")
     try:
@@ -149,26 +135,3 @@ def _load_torch(path: str, what: str, flag: str) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path} is not a {what} written by train.py; pass the file from its output directory")
     return value
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load and check ``latency_forecaster.pt`` (``weights_only=True``)."""
-    checkpoint = _load_torch(path, "checkpoint", "--model-checkpoint")
-    version = checkpoint.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"checkpoint {path} has format_version {version}, this version reads {FORMAT_VERSION}; retrain it with train.py"
-        )
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; retrain it with train.py")
-    return checkpoint
-
-
-def load_scaler_state(path: str) -> dict:
-    """Load ``scaler.pt`` (``weights_only=True``)."""
-    state = _load_torch(path, "scaler", "--scaler-path")
-    missing = [key for key in ("mean", "scale", "feature_columns") if key not in state]
-    if missing:
-        raise UserError(f"scaler {path} lacks {', '.join(missing)}; pass the scaler.pt written beside the checkpoint")
-    return state

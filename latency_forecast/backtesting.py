@@ -14,16 +14,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from latency_forecast import data, pipeline
-from latency_forecast.config import (
-    MINUTES_PER_DAY,
-    AlertConfig,
-    BacktestConfig,
-    DataConfig,
-    LatencyThresholds,
-    ModelConfig,
-    TrainingConfig,
-)
+from latency_forecast import data, evaluation, forecaster
+from latency_forecast.alerting import LatencyThresholds
+from latency_forecast.config import MINUTES_PER_DAY, AlertConfig, BacktestConfig, DataConfig, ModelConfig, TrainingConfig
 from latency_forecast.data import SeriesTable, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.metrics import METRIC_KEYS
@@ -46,11 +39,6 @@ class Fold:
     fit: TimeRange
     early_stopping: TimeRange
     validation: TimeRange
-
-
-def data_span(table: SeriesTable) -> TimeRange:
-    """The minutes the table covers: its first minute to one past its last."""
-    return TimeRange(int(table.minutes.min()), int(table.minutes.max()) + 1)
 
 
 def _days(minutes: int) -> str:
@@ -120,8 +108,7 @@ def check_folds(table: SeriesTable, folds: Sequence[Fold], data_config: DataConf
     ends, _ = data.window_ends(table, L, H)
     for fold in folds:
         for what, time_range in (("training", fold.fit), ("early-stopping", fold.early_stopping), ("validation", fold.validation)):
-            samples = data.samples_in(ends, table, time_range, L, H)
-            pipeline.require_samples(samples, f"fold {fold.number} {what}", time_range, data_config)
+            data.require_samples_in(ends, table, time_range, L, H, f"fold {fold.number} {what}")
 
 
 def threads_per_fold(jobs: int, num_threads: int, cores: int | None = None) -> int:
@@ -192,7 +179,7 @@ def _silent(message: str) -> None:
     pass
 
 
-def train_fold(task: FoldTask) -> tuple[pipeline.Forecaster, list[dict], dict[str, int], dict]:
+def train_fold(task: FoldTask) -> tuple[forecaster.Forecaster, list[dict], dict[str, int], dict]:
     """A fresh scaler, target normaliser and seeded model, trained on the fold's training rows,
     and its alert threshold calibrated on the fold's early-stopping slice.
 
@@ -204,34 +191,32 @@ def train_fold(task: FoldTask) -> tuple[pipeline.Forecaster, list[dict], dict[st
     """
     fold, data_config = task.fold, task.data_config
     train_table = data.table_in(task.table, fold.train)
-    forecaster, prepared, history = pipeline.fit_forecaster(
+    trained, prepared, history = forecaster.fit_forecaster(
         train_table, fold.fit, fold.early_stopping, data_config, task.model_config, task.training_config,
         progress=False, log=_silent, latency_thresholds=task.latency_thresholds,
     )
-    L, H = data_config.sequence_length, data_config.horizon
-    stop_ends = data.samples_in(prepared.ends, train_table, fold.early_stopping, L, H)
-    calibrated, calibration = pipeline.calibrated_evaluation(forecaster, prepared, stop_ends, task.alert_config)
-    samples = {"fit": len(data.samples_in(prepared.ends, train_table, fold.fit, L, H)), "early_stopping": len(stop_ends)}
-    return forecaster, history, samples, {**calibration, "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]}
+    stop_ends = prepared.samples(fold.early_stopping, f"fold {fold.number} early-stopping")
+    calibrated, trained.alert = evaluation.calibrated_evaluation(trained, prepared, stop_ends, task.alert_config)
+    samples = {"fit": len(prepared.samples(fold.fit, f"fold {fold.number} training")), "early_stopping": len(stop_ends)}
+    operating_point = {**trained.alert.as_dict(), "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]}
+    return trained, history, samples, operating_point
 
 
 def run_fold(task: FoldTask) -> FoldResult:
     """Train the fold's forecaster, then judge it and persistence on its validation window."""
     started = time.perf_counter()
     fold, data_config = task.fold, task.data_config
-    forecaster, history, samples, operating_point = train_fold(task)
-    validation_table = data.table_in(task.table, fold.validation)
-    prepared = pipeline.prepare(validation_table, forecaster, inplace=True)
-    ends = data.samples_in(prepared.ends, validation_table, fold.validation, data_config.sequence_length, data_config.horizon)
-    pipeline.require_samples(ends, f"fold {fold.number} validation", fold.validation, data_config)
-    evaluation = pipeline.evaluate(forecaster, prepared, ends)
-    operating_point["validation_false_positive_rate"] = evaluation.model_metrics["false_positive_rate"]
+    trained, history, samples, operating_point = train_fold(task)
+    prepared = trained.prepare(data.table_in(task.table, fold.validation), inplace=True)
+    ends = prepared.samples(fold.validation, f"fold {fold.number} validation")
+    judged = evaluation.evaluate(trained, prepared, ends)
+    operating_point["validation_false_positive_rate"] = judged.model_metrics["false_positive_rate"]
     return FoldResult(
         fold,
-        evaluation.model_metrics,
-        evaluation.persistence_metrics,
+        judged.model_metrics,
+        judged.persistence_metrics,
         operating_point,
-        pipeline.alerting_report(evaluation, data_config.horizon, {"persistence": 1.0}),
+        evaluation.alerting_report(judged, data_config.horizon, {"persistence": 1.0}),
         {**samples, "validation": int(len(ends))},
         history,
         prepared.unknown_services,
@@ -243,11 +228,11 @@ def run_fold(task: FoldTask) -> FoldResult:
 # All folds
 
 
-def _tasks(table: SeriesTable, folds: Sequence[Fold], settings: FoldTask) -> Iterator[FoldTask]:
+def _tasks(table: SeriesTable, folds: Sequence[Fold], template: FoldTask) -> Iterator[FoldTask]:
     """One task per fold, built lazily: each copies only its own rows out of the table."""
     for fold in folds:
         rows = data.table_in(table, TimeRange(fold.train.start, fold.validation.end))
-        yield dataclasses.replace(settings, fold=fold, table=rows)
+        yield dataclasses.replace(template, fold=fold, table=rows)
 
 
 def run_backtest(
@@ -268,7 +253,7 @@ def run_backtest(
     ``training_config.seed``, so a fold's result does not depend on which process ran it or
     when. ``on_result`` is called as each fold finishes; the results come back in fold order.
     """
-    settings = FoldTask(
+    template = FoldTask(
         folds[0],
         table,
         data_config,
@@ -277,7 +262,7 @@ def run_backtest(
         alert_config or AlertConfig(),
         latency_thresholds or LatencyThresholds(data_config.latency_threshold),
     )
-    tasks = _tasks(table, folds, settings)
+    tasks = _tasks(table, folds, template)
     results = []
     if jobs <= 1:
         for task in tasks:
@@ -326,11 +311,11 @@ def summarize(blocks: Sequence[dict]) -> dict[str, dict[str, float | None]]:
     return summary
 
 
-def report(results: Sequence[FoldResult], settings: dict) -> dict:
+def report(results: Sequence[FoldResult], run_config: dict) -> dict:
     """backtest.json: ``{"config", "folds", "summary"}`` (contract section 4), plus the
     persistence baseline's summary beside the model's."""
     return {
-        "config": settings,
+        "config": run_config,
         "folds": [result.as_dict() for result in results],
         "summary": summarize([result.metrics for result in results]),
         "baseline_summary": summarize([result.baseline for result in results]),

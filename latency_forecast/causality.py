@@ -12,10 +12,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latency_forecast import data, explain, pipeline
+from latency_forecast import data, explain, metrics
 from latency_forecast.config import TARGET_COLUMN, CausalityConfig, ExplainConfig
 from latency_forecast.data import TimeRange, format_minute
 from latency_forecast.errors import UserError
+from latency_forecast.evaluation import Evaluation, evaluate
+from latency_forecast.forecaster import Forecaster, PreparedSeries
 
 MANIFEST_KEYS = ("service", "start", "end", "fault")
 
@@ -65,34 +67,7 @@ def parse_manifest(entries: Any, source: str) -> list[Fault]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forecasts, alerts and true-positive events
-
-
-@dataclass
-class Forecasts:
-    """The analysed samples in row order (by service, then minute).
-
-    ends : (n,) row index where each window ends (minute t)
-    service_codes : (n,) the table's service code
-    minutes : (n,) forecast minute t+H
-    forecast, actual : (n,) ms at t+H
-    alert, breach : (n,) bool, predicted and observed breach
-    """
-
-    ends: np.ndarray
-    service_codes: np.ndarray
-    minutes: np.ndarray
-    forecast: np.ndarray
-    actual: np.ndarray
-    alert: np.ndarray
-    breach: np.ndarray
-
-    @property
-    def true_positive(self) -> np.ndarray:
-        return self.alert & self.breach
-
-    def __len__(self) -> int:
-        return len(self.ends)
+# True-positive events
 
 
 @dataclass
@@ -140,7 +115,7 @@ class FaultCase:
     fault: Fault
     reason: str | None = None
     detected: bool = False
-    position: int | None = None  # index into Forecasts of the explained forecast
+    position: int | None = None  # index into the evaluated samples of the explained forecast
     ranking: list[str] = field(default_factory=list)
 
     @property
@@ -150,7 +125,7 @@ class FaultCase:
 
 def match_faults(
     faults: Sequence[Fault],
-    forecasts: Forecasts,
+    forecasts: Evaluation,
     services: Sequence[str],
     model_services: Sequence[str],
     rankable: Sequence[str],
@@ -184,8 +159,8 @@ def match_faults(
             code = list(services).index(fault.service) if fault.service in services else -1
             mine = np.flatnonzero(
                 (forecasts.service_codes == code)
-                & (forecasts.minutes >= fault.start)
-                & (forecasts.minutes <= fault.end + horizon)
+                & (forecasts.target_minutes >= fault.start)
+                & (forecasts.target_minutes <= fault.end + horizon)
             )
             if not len(mine):
                 case.reason = (
@@ -206,15 +181,11 @@ def rank_features(scores: np.ndarray, feature_columns: Sequence[str]) -> list[st
     return [feature_columns[i] for i in order if feature_columns[i] != TARGET_COLUMN]
 
 
-def _rate(numerator: int, denominator: int) -> float | None:
-    return float(numerator / denominator) if denominator else None
-
-
 def _accuracy(cases: Sequence[FaultCase]) -> dict[str, Any]:
     cause = [case.fault.root_cause_feature for case in cases]
     top1 = sum(case.ranking[:1] == [c] for case, c in zip(cases, cause))
     top3 = sum(c in case.ranking[:3] for case, c in zip(cases, cause))
-    return {"n_faults": len(cases), "top1_accuracy": _rate(top1, len(cases)), "top3_accuracy": _rate(top3, len(cases))}
+    return {"n_faults": len(cases), "top1_accuracy": metrics.rate(top1, len(cases)), "top3_accuracy": metrics.rate(top3, len(cases))}
 
 
 def _scores(cases: Sequence[FaultCase]) -> dict[str, Any]:
@@ -222,13 +193,13 @@ def _scores(cases: Sequence[FaultCase]) -> dict[str, Any]:
     detected = [case for case in scorable if case.detected]
     return {
         **_accuracy(scorable),
-        "detection_rate": _rate(len(detected), len(scorable)),
+        "detection_rate": metrics.rate(len(detected), len(scorable)),
         "detected": _accuracy(detected),
         "n_unscorable": len(cases) - len(scorable),
     }
 
 
-def validation_summary(cases: Sequence[FaultCase], forecasts: Forecasts, n_rankable: int, n_outside: int) -> dict[str, Any]:
+def validation_summary(cases: Sequence[FaultCase], forecasts: Evaluation, n_rankable: int, n_outside: int) -> dict[str, Any]:
     """The report's ``validation`` block: AC@1/AC@3 over scorable and detected faults, the
     detection rate, the random baseline, per fault type, and every fault's outcome."""
     by_type: dict[str, list[FaultCase]] = {}
@@ -243,7 +214,7 @@ def validation_summary(cases: Sequence[FaultCase], forecasts: Forecasts, n_ranka
             {
                 **case.fault.as_dict(),
                 "detected": case.detected,
-                "explained_minute": format_minute(forecasts.minutes[position]),
+                "explained_minute": format_minute(forecasts.target_minutes[position]),
                 "predicted": float(forecasts.forecast[position]),
                 "actual": float(forecasts.actual[position]),
                 "top_feature": case.ranking[0] if case.ranking else None,
@@ -254,8 +225,8 @@ def validation_summary(cases: Sequence[FaultCase], forecasts: Forecasts, n_ranka
         )
     return {
         **_scores(cases),
-        "random_top1": _rate(1, n_rankable),
-        "random_top3": _rate(min(3, n_rankable), n_rankable),
+        "random_top1": metrics.rate(1, n_rankable),
+        "random_top3": metrics.rate(min(3, n_rankable), n_rankable),
         "by_fault": {name: _scores(group) for name, group in sorted(by_type.items())},
         "faults": faults,
         "unscorable": [{**case.fault.as_dict(), "reason": case.reason} for case in cases if not case.scorable],
@@ -273,27 +244,16 @@ class Analysis:
     figure_events: list[dict[str, Any]]  # per explained event: label, scores, cause (for the plot)
 
 
-def forecasts_in(forecaster: pipeline.Forecaster, prepared: pipeline.PreparedSeries, time_range: TimeRange) -> Forecasts:
-    """Forecast, alert and breach for every sample whose forecast minute t+H lies in the range."""
-    horizon = forecaster.data_config.horizon
-    table = prepared.table
-    minutes_all = table.minutes[prepared.ends] + horizon
-    ends = prepared.ends[(minutes_all >= time_range.start) & (minutes_all < time_range.end)]
-    evaluation = pipeline.evaluate(forecaster, prepared, ends)  # the checkpoint's alert rule and thresholds
-    return Forecasts(
-        ends,
-        evaluation.service_codes.astype(np.int64),
-        evaluation.target_minutes,
-        evaluation.forecast,
-        evaluation.actual,
-        evaluation.alert,
-        evaluation.breach,
-    )
+def forecasts_in(forecaster: Forecaster, prepared: PreparedSeries, time_range: TimeRange) -> Evaluation:
+    """Forecast, alert and breach (the checkpoint's alert rule and thresholds) for every sample
+    whose forecast minute t+H lies in the range."""
+    target_minutes = prepared.table.minutes[prepared.ends] + forecaster.data_config.horizon
+    return evaluate(forecaster, prepared, prepared.ends[(target_minutes >= time_range.start) & (target_minutes < time_range.end)])
 
 
 def analyze(
-    forecaster: pipeline.Forecaster,
-    prepared: pipeline.PreparedSeries,
+    forecaster: Forecaster,
+    prepared: PreparedSeries,
     time_range: TimeRange,
     background: explain.Background,
     faults: Sequence[Fault] | None,
@@ -319,13 +279,13 @@ def analyze(
         )
     rankable = [name for name in forecaster.feature_columns if name != TARGET_COLUMN]
     inside = [f for f in faults or [] if f.start < time_range.end and f.end + horizon >= time_range.start]
-    events = true_positive_events(forecasts.service_codes, forecasts.minutes, forecasts.true_positive)
+    events = true_positive_events(forecasts.service_codes, forecasts.target_minutes, forecasts.true_positive)
     for event in events:
-        event.fault = fault_of(table.services[forecasts.service_codes[event.position]], int(forecasts.minutes[event.position]), inside, horizon)
+        event.fault = fault_of(table.services[forecasts.service_codes[event.position]], int(forecasts.target_minutes[event.position]), inside, horizon)
     if config.event_order == "predicted":
-        chosen = sorted(events, key=lambda e: (-forecasts.forecast[e.position], forecasts.minutes[e.position]))
+        chosen = sorted(events, key=lambda e: (-forecasts.forecast[e.position], forecasts.target_minutes[e.position]))
     else:
-        chosen = sorted(events, key=lambda e: (forecasts.minutes[e.position], e.position))
+        chosen = sorted(events, key=lambda e: (forecasts.target_minutes[e.position], e.position))
     chosen = chosen[: config.max_samples]
     cases = match_faults(inside, forecasts, table.services, forecaster.services, rankable, horizon)
 
@@ -347,8 +307,8 @@ def analyze(
         report_events.append(
             {
                 "service": service,
-                "timestamp": format_minute(forecasts.minutes[position]),
-                "alert_timestamp": format_minute(forecasts.minutes[position] - horizon),
+                "timestamp": format_minute(forecasts.target_minutes[position]),
+                "alert_timestamp": format_minute(forecasts.target_minutes[position] - horizon),
                 "minutes": event.n_minutes,
                 "predicted": float(forecasts.forecast[position]),
                 "actual": float(forecasts.actual[position]),
@@ -362,7 +322,7 @@ def analyze(
         )
         figure_events.append(
             {
-                "label": f"{service}\n{format_minute(forecasts.minutes[position])[5:16].replace('T', ' ')}",
+                "label": f"{service}\n{format_minute(forecasts.target_minutes[position])[5:16].replace('T', ' ')}",
                 "scores": scores,
                 "cause": fault.root_cause_feature if fault else None,
                 "fault": fault.fault if fault else None,

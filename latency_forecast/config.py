@@ -261,55 +261,13 @@ class OutputConfig:
     """Where results go and how much is printed."""
 
     output_dir: str = _setting("artifacts", "directory for the checkpoint, metrics and plots")
-    quiet: bool = _setting(False, "no progress bars or per-epoch lines; the summary is still printed")
 
 
 @dataclass
-class LatencyThresholds:
-    """Breach threshold (ms) per service: one default, overridden per service name."""
+class ProgressConfig:
+    """How much is printed while a run goes."""
 
-    default: float
-    per_service: dict[str, float] = field(default_factory=dict)
-
-    def for_services(self, services: Sequence[str]) -> "np.ndarray":
-        """(len(services),) float64 thresholds in the given order."""
-        import numpy as np
-
-        return np.array([self.per_service.get(name, self.default) for name in services], dtype=np.float64)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"default": self.default, "per_service": dict(self.per_service)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "LatencyThresholds":
-        return cls(float(values["default"]), {str(k): float(v) for k, v in values.get("per_service", {}).items()})
-
-
-def latency_thresholds(data_config: DataConfig) -> LatencyThresholds:
-    """The thresholds of a run: ``--latency-threshold``, overridden by ``--latency-thresholds FILE``."""
-    path = data_config.latency_thresholds
-    if path is None:
-        return LatencyThresholds(data_config.latency_threshold)
-    try:
-        with open(path) as stream:
-            text = stream.read()
-    except OSError as error:
-        raise UserError(f"cannot read --latency-thresholds {path}: {error.strerror}; pass a JSON or YAML file") from error
-    import yaml  # YAML is a superset of JSON: one parser reads both
-
-    try:
-        mapping = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserError(f"--latency-thresholds {path} is not valid JSON or YAML; write a mapping of service -> ms") from error
-    if not isinstance(mapping, dict) or not mapping:
-        raise UserError(f"--latency-thresholds {path} must map service names to milliseconds, e.g. {{default: 500, cache: 50}}")
-    values: dict[str, float] = {}
-    for name, value in mapping.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UserError(f"--latency-thresholds {path}: {name!r} must be a positive number of milliseconds, got {value!r}")
-        values[str(name)] = float(value)
-    default = values.pop("default", data_config.latency_threshold)
-    return LatencyThresholds(default, values)
+    quiet: bool = _setting(False, "no progress bars, per-epoch or per-fold lines; the summary is still printed")
 
 
 MINUTES_PER_DAY = 1440
@@ -338,7 +296,6 @@ class BacktestConfig:
         1, "folds trained at once, each in its own process with --num-threads torch threads (0: the cores divided by --jobs)"
     )
     output: str = _setting("artifacts/backtest.json", "path of backtest.json; backtest.png is written beside it")
-    quiet: bool = _setting(False, "no per-fold progress lines; the summary is still printed")
 
     def __post_init__(self) -> None:
         for name in ("train_window_days", "val_window_days", "step_days"):
@@ -362,6 +319,23 @@ class BacktestConfig:
     @property
     def step_minutes(self) -> int:
         return self.val_window_minutes if self.step_days is None else round(self.step_days * MINUTES_PER_DAY)
+
+
+@dataclass
+class SyntheticConfig:
+    """The demo store (python -m latency_forecast.synthetic)."""
+
+    output: str = _setting("feature_store", "store directory to create")
+    days: int = _setting(35, "days of minutes to simulate")
+    services: int = _setting(8, "services; beyond 8 the call graph is repeated")
+    faults_per_day: float = _setting(1.5, "mean injected faults per day")
+    seed: int = _setting(0, "random seed; same seed, same store")
+    start: str = _setting("2024-05-01T00:00:00Z", "first minute, ISO-8601 UTC")
+
+    def __post_init__(self) -> None:
+        _require(self.days >= 1, f"--days must be at least 1, got {self.days}")
+        _require(self.services >= 1, f"--services must be at least 1, got {self.services}")
+        _require(self.faults_per_day >= 0, f"--faults-per-day must be 0 or more, got {self.faults_per_day}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -429,10 +403,14 @@ def parent_parser(*config_classes: type) -> argparse.ArgumentParser:
     return parser
 
 
-def from_args(config_class: type, namespace: argparse.Namespace) -> Any:
-    """Build ``config_class`` from the parsed flags (validation errors become UserError)."""
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)}
-    return config_class(**values)
+def from_args(namespace: argparse.Namespace, *config_classes: type) -> Any:
+    """Build each config class from the parsed flags (validation errors become UserError);
+    one class gives its instance, several a tuple in the same order."""
+    built = tuple(
+        config_class(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)})
+        for config_class in config_classes
+    )
+    return built[0] if len(built) == 1 else built
 
 
 def to_dict(config: Any) -> dict[str, Any]:

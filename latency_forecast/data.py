@@ -1,38 +1,25 @@
-"""Feature store -> validated series table -> time splits -> scalers -> window indices.
+"""Validated series table -> time splits -> scalers -> window indices.
 
-This is the only module that reads Parquet. Rows are kept as one contiguous float32 matrix
-sorted by (service, minute); a sample is the row index ``t`` where its input window ends, and
-windows are gathered from that matrix by index arithmetic, never copied out as ``(n, L, F)``.
+Rows are kept as one contiguous float32 matrix sorted by (service, minute); a sample is the row
+index ``t`` where its input window ends, and windows are gathered from that matrix by index
+arithmetic, never copied out as ``(n, L, F)``. Reading and writing stores is ``store.py``'s.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from sklearn.preprocessing import StandardScaler
 
-from latency_forecast.config import TARGET_COLUMN
 from latency_forecast.errors import UserError
 
 TIMESTAMP_COLUMN = "timestamp"
 SERVICE_COLUMN = "service"
-PARQUET_SUFFIXES = (".parquet", ".parq")
-_NS_PER_MINUTE = 60_000_000_000
+NS_PER_MINUTE = 60_000_000_000
 _CHUNK_ROWS = 1 << 18  # rows per chunk when scaling in place: bounds temporary memory
-_BATCH_ROWS = 1 << 15  # rows per record batch while reading
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the store
 
 
 @dataclass
@@ -65,336 +52,16 @@ class SeriesTable:
         return np.searchsorted(self.service_codes, np.arange(len(self.services) + 1), side="left")
 
 
-def parse_timestamp(text: str | None, flag: str) -> pd.Timestamp | None:
-    """An ISO-8601 string as a UTC timestamp (naive means UTC); None passes through."""
-    if text is None:
-        return None
-    try:
-        stamp = pd.Timestamp(text)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{flag} {text!r} is not a timestamp; use ISO-8601 such as 2024-05-01T10:00:00Z") from error
-    if stamp is pd.NaT:
-        raise UserError(f"{flag} {text!r} is not a timestamp; use ISO-8601 such as 2024-05-01T10:00:00Z")
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-
-
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowException, ValueError) as error:
-            raise UserError(f"cannot open feature store {path}: {error}") from error
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _parquet_files(path: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    filesystem, root = _filesystem(path)
-    info = filesystem.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(
-            f"feature store {path} does not exist; create the demo store with "
-            f"`python -m latency_forecast.synthetic --output {path}` or pass --feature-store-path"
-        )
-    if info.type == pafs.FileType.File:
-        return filesystem, os.path.dirname(root), [root]
-    files = sorted(
-        entry.path
-        for entry in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        if entry.type == pafs.FileType.File
-        and entry.path.endswith(PARQUET_SUFFIXES)
-        # hidden or underscore-prefixed parts (_SUCCESS, .staging) are not data
-        and not any(part.startswith((".", "_")) for part in os.path.relpath(entry.path, root).split(os.sep))
-    )
-    if not files:
-        raise UserError(f"no Parquet files (*.parquet) under {path}; point --feature-store-path at the store")
-    return filesystem, root, files
-
-
-def _partition_keys(root: str, files: Sequence[str]) -> set[str]:
-    """Hive partition keys: the ``key`` of every ``key=value`` directory between root and file."""
-    return {
-        part.split("=", 1)[0]
-        for path in files
-        for part in os.path.relpath(path, root).split(os.sep)[:-1]
-        if "=" in part
-    }
-
-
-def _is_numeric(data_type: pa.DataType) -> bool:
-    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type)
-
-
-class ColumnError(UserError):
-    """A requested feature column is missing from the store or is not numeric."""
-
-
-def resolve_feature_columns(
-    schema: pa.Schema, requested: Sequence[str] | None, exclude: Sequence[str] = ()
-) -> list[str]:
-    """The feature columns to read: the requested ones (validated) or every numeric column
-    except the target, timestamp, service and partition keys."""
-    numeric = [
-        f.name
-        for f in schema
-        if _is_numeric(f.type) and f.name not in (TARGET_COLUMN, TIMESTAMP_COLUMN, SERVICE_COLUMN, *exclude)
-    ]
-    if requested is None:
-        if not numeric:
-            raise UserError("the feature store has no numeric feature columns besides the target")
-        return numeric
-    if len(set(requested)) != len(requested):
-        raise UserError(f"--feature-columns names a column twice: {','.join(requested)}")
-    available = set(schema.names)
-    for name in requested:
-        if name not in available:
-            raise ColumnError(
-                f"unknown feature column {name!r}; available numeric columns: {', '.join(numeric) or 'none'}"
-            )
-        if not _is_numeric(schema.field(name).type):
-            raise ColumnError(
-                f"feature column {name!r} is {schema.field(name).type}, not numeric; choose among: {', '.join(numeric)}"
-            )
-    return list(requested)
-
-
-def _time_filter(
-    dataset: ds.Dataset, partition_keys: set[str], start: pd.Timestamp | None, end: pd.Timestamp | None
-) -> ds.Expression | None:
-    """Row filter ``start <= timestamp < end``, plus pruning of ``date=`` partitions when present."""
-    timestamp_type = dataset.schema.field(TIMESTAMP_COLUMN).type
-    conditions = []
-
-    def as_scalar(bound: pd.Timestamp) -> pa.Scalar:
-        value = bound if timestamp_type.tz is not None else bound.tz_localize(None)
-        return pa.scalar(value.to_pydatetime(), type=timestamp_type)
-
-    if start is not None:
-        conditions.append(ds.field(TIMESTAMP_COLUMN) >= as_scalar(start))
-    if end is not None:
-        conditions.append(ds.field(TIMESTAMP_COLUMN) < as_scalar(end))
-    if "date" in partition_keys:
-        date_type = dataset.schema.field("date").type
-        if pa.types.is_string(date_type) or pa.types.is_date(date_type):
-
-            def as_day(stamp: pd.Timestamp) -> pa.Scalar:
-                day = stamp.date()
-                return pa.scalar(day.isoformat()) if pa.types.is_string(date_type) else pa.scalar(day, type=date_type)
-
-            if start is not None:
-                conditions.append(ds.field("date") >= as_day(start))
-            if end is not None:
-                conditions.append(ds.field("date") <= as_day(end - pd.Timedelta(nanoseconds=1)))
-    expression = None
-    for condition in conditions:
-        expression = condition if expression is None else expression & condition
-    return expression
-
-
-def load_feature_store(
-    path: str,
-    feature_columns: Sequence[str] | None = None,
-    start: pd.Timestamp | None = None,
-    end: pd.Timestamp | None = None,
-) -> SeriesTable:
-    """Read and validate a feature store (contract section 1).
-
-    Only ``timestamp``, ``service``, the features and the target are read; the time range
-    ``[start, end)`` is pushed down to the scan (row-group statistics and ``date=`` partitions).
-    Timestamps are floored to the minute; tz-naive values are taken as UTC.
-
-    Raises
-    ------
-    UserError : for every contract violation, with a one-line message naming the fix.
-    """
-    if start is not None and end is not None and start >= end:
-        raise UserError(f"start {start.isoformat()} is not before end {end.isoformat()}; swap or widen the range")
-    filesystem, root, files = _parquet_files(path)
-    try:
-        # service names come as Parquet stores them, dictionary-encoded: no string per row is built
-        parquet = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=[SERVICE_COLUMN]))
-        dataset = ds.dataset(files, filesystem=filesystem, format=parquet, partitioning="hive", partition_base_dir=root)
-    except (pa.ArrowException, OSError) as error:
-        raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that every *.parquet file is valid Parquet") from error
-    schema = dataset.schema
-    for required in (TIMESTAMP_COLUMN, SERVICE_COLUMN, TARGET_COLUMN):
-        if required not in schema.names:
-            raise UserError(
-                f"the feature store has no {required!r} column (found: {', '.join(schema.names)}); "
-                "it must follow the contract's schema (timestamp, service, features, target_latency_p99)"
-            )
-    if not pa.types.is_timestamp(schema.field(TIMESTAMP_COLUMN).type):
-        raise UserError(f"column 'timestamp' is {schema.field(TIMESTAMP_COLUMN).type}, not a timestamp; store it as a Parquet timestamp")
-    service_type = schema.field(SERVICE_COLUMN).type
-    names_type = service_type.value_type if pa.types.is_dictionary(service_type) else service_type
-    if not (pa.types.is_string(names_type) or pa.types.is_large_string(names_type)):
-        raise UserError(f"column 'service' is {service_type}, not a string; store service names as strings")
-    if not _is_numeric(schema.field(TARGET_COLUMN).type):
-        raise UserError(f"column {TARGET_COLUMN!r} is {schema.field(TARGET_COLUMN).type}, not numeric milliseconds")
-    partition_keys = _partition_keys(root, files)
-    features = resolve_feature_columns(schema, feature_columns, exclude=sorted(partition_keys))
-
-    row_filter = _time_filter(dataset, partition_keys, start, end)
-    unit = schema.field(TIMESTAMP_COLUMN).type.unit
-    try:
-        # Two scans, batch by batch, so that the Arrow copy of the store never exists whole: the
-        # keys first, to find each row's place, then the values, written straight to that place.
-        keys = _read_keys(_scan(dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit)
-        if keys is None:
-            span = "" if start is None and end is None else f" between {start} and {end}"
-            raise UserError(f"the feature store {path} has no rows{span}; check the path and the time range")
-        # the target may also be a feature (its own history): read it once
-        columns = list(dict.fromkeys([TIMESTAMP_COLUMN, *features, TARGET_COLUMN]))
-        matrix, target = _read_values(_scan(dataset, columns, row_filter), keys, features, unit)
-    except (pa.ArrowException, OSError) as error:
-        raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that all files share one schema") from error
-    return SeriesTable(keys.minutes, keys.codes, keys.names, matrix, target, list(features))
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-_UNITS_PER_MINUTE = {"s": 60, "ms": 60_000, "us": 60_000_000, "ns": _NS_PER_MINUTE}
-
-
-def _scan(dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | None) -> Iterator[pa.RecordBatch]:
-    """The non-empty record batches of ``columns``, in the same order on every scan.
-
-    One row group at a time: a scan of the whole dataset decodes ahead of a slower consumer
-    without bound, so the Arrow copy of a large store would pile up in memory.
-    """
-    pool = pa.default_memory_pool()
-    for fragment in dataset.get_fragments(filter=row_filter):
-        for part in fragment.split_by_row_group(filter=row_filter, schema=dataset.schema):
-            for batch in part.to_batches(schema=dataset.schema, columns=columns, filter=row_filter, batch_size=_BATCH_ROWS):
-                if batch.num_rows:
-                    yield batch
-            pool.release_unused()  # the allocator keeps pages freed across threads until asked
-
-
-def _minutes(stamps: pa.Array, unit: str) -> np.ndarray:
-    """Minutes since the epoch, floored, of a timestamp array without nulls."""
-    return np.floor_divide(stamps.cast(pa.int64()).to_numpy(), _UNITS_PER_MINUTE[unit])
-
-
-@dataclass
-class _Keys:
-    """Where each scanned row goes: ``destination[i]`` is the sorted position of the i-th row scanned."""
-
-    minutes: np.ndarray  # (n_rows,) int64, sorted by (service, minute)
-    codes: np.ndarray  # (n_rows,) int32
-    names: list[str]
-    destination: np.ndarray  # (n_rows,) int64
-
-
-def _read_keys(batches: Iterable[pa.RecordBatch], unit: str) -> _Keys | None:
-    """Minutes and service codes of every row, sorted by (service, minute); None without rows."""
-    seen: dict[str, int] = {}  # service name -> code in order of first appearance
-    minutes, codes = [], []
-    null_timestamps = null_services = 0
-    for batch in batches:
-        stamps, services = batch.column(0), batch.column(1)
-        null_timestamps += stamps.null_count
-        null_services += services.null_count
-        if null_timestamps or null_services:
-            continue  # only counted, for the message
-        minutes.append(_minutes(stamps, unit))
-        encoded = services if pa.types.is_dictionary(services.type) else services.dictionary_encode()
-        indices = encoded.indices.to_numpy(zero_copy_only=False)
-        lookup = np.full(len(encoded.dictionary), -1, dtype=np.int32)
-        used = np.flatnonzero(np.bincount(indices, minlength=len(lookup)))  # a dictionary may hold unused names
-        for index, name in zip(used, encoded.dictionary.take(pa.array(used)).to_pylist()):
-            lookup[index] = seen.setdefault(name, len(seen))
-        codes.append(lookup[indices])
-    if null_timestamps:
-        raise UserError(f"{null_timestamps} rows have no timestamp; every row needs its minute")
-    if null_services:
-        raise UserError(f"{null_services} rows have no service name; every row needs its service")
-    if not minutes:
-        return None
-    names = sorted(seen)
-    position = {name: code for code, name in enumerate(names)}
-    minutes = np.concatenate(minutes)
-    codes = np.array([position[name] for name in seen], dtype=np.int32)[np.concatenate(codes)]
-    first, span = int(minutes.min()), int(minutes.max() - minutes.min()) + 1
-    if span * len(names) < 2**62:  # one int64 key: its stable sort is lexsort((minutes, codes)), faster
-        order = np.argsort(codes.astype(np.int64) * span + (minutes - first), kind="stable")
-    else:
-        order = np.lexsort((minutes, codes))
-    minutes, codes = minutes[order], codes[order]
-    duplicate = (np.diff(minutes) == 0) & (np.diff(codes) == 0)
-    if duplicate.any():
-        at = int(np.flatnonzero(duplicate)[0])
-        raise UserError(
-            f"{int(duplicate.sum())} duplicate (service, minute) rows, e.g. {names[codes[at]]} at "
-            f"{format_minute(minutes[at])}; the store must hold one row per service and minute"
-        )
-    destination = np.empty_like(order)
-    destination[order] = np.arange(len(order))
-    return _Keys(minutes, codes, names, destination)
-
-
-def _read_values(
-    batches: Iterable[pa.RecordBatch], keys: _Keys, features: Sequence[str], unit: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(n_rows, n_features) float32 features and (n_rows,) float32 target, each batch written
-    straight to its rows' sorted places."""
-    n = len(keys.minutes)
-    matrix = np.empty((n, len(features)), dtype=np.float32)
-    target = np.empty(n, dtype=np.float32)
-    offset = 0
-    for batch in batches:
-        place = keys.destination[offset : offset + batch.num_rows]
-        if len(place) < batch.num_rows or not np.array_equal(keys.minutes[place], _minutes(batch.column(0), unit)):
-            raise UserError("the feature store changed while it was being read; read it again")
-        block = np.empty((batch.num_rows, len(features)), dtype=np.float32)
-        for j, name in enumerate(features):
-            block[:, j] = _as_float(batch.column(name))
-        matrix[place] = block
-        target[place] = _as_float(batch.column(TARGET_COLUMN))
-        offset += batch.num_rows
-    if offset != n:
-        raise UserError("the feature store changed while it was being read; read it again")
-    return matrix, target
-
-
-def _as_float(column: pa.Array) -> np.ndarray:
-    """Numeric column as a float array, nulls as NaN."""
-    if not pa.types.is_floating(column.type):
-        column = pc.cast(column, pa.float64())
-    return column.to_numpy(zero_copy_only=False)  # a float array's nulls become NaN
-
 
 def format_minute(minute: int | np.integer) -> str:
     """ISO-8601 UTC string of a minute index, as the contract writes timestamps."""
-    return pd.Timestamp(int(minute) * _NS_PER_MINUTE, tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    return pd.Timestamp(int(minute) * NS_PER_MINUTE, tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def to_minute(stamp: pd.Timestamp) -> int:
     """Minute index of a UTC timestamp (floored)."""
-    return int(stamp.value // _NS_PER_MINUTE)
+    return int(stamp.value // NS_PER_MINUTE)
 
-
-def write_feature_store(frame: pd.DataFrame, path: str) -> None:
-    """Write ``frame`` as a store hive-partitioned by day (``date=YYYY-MM-DD/part-0.parquet``).
-
-    The store is built beside ``path`` and swapped in at the end, so an interrupted write
-    leaves any earlier store intact.
-    """
-    from latency_forecast.artifacts import replace_directory, staging_directory
-
-    with staging_directory(path) as staging:
-        days = frame[TIMESTAMP_COLUMN].dt.strftime("%Y-%m-%d")
-        numeric = [c for c in frame.columns if c not in (TIMESTAMP_COLUMN, SERVICE_COLUMN)]
-        schema = pa.schema(
-            [pa.field(TIMESTAMP_COLUMN, pa.timestamp("ms", tz="UTC")), pa.field(SERVICE_COLUMN, pa.string())]
-            + [pa.field(c, pa.float32()) for c in numeric]
-        )
-        for day, rows in frame.groupby(days, sort=True):
-            os.makedirs(os.path.join(staging, f"date={day}"))
-            table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
-            pq.write_table(table, os.path.join(staging, f"date={day}", "part-0.parquet"))
-        replace_directory(staging, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +146,20 @@ def samples_in(
     first_minute = table.minutes[ends] - (sequence_length - 1)
     target_minute = table.minutes[ends] + horizon
     return ends[(first_minute >= time_range.start) & (target_minute < time_range.end)]
+
+
+def require_samples_in(
+    ends: np.ndarray, table: SeriesTable, time_range: TimeRange, sequence_length: int, horizon: int, what: str
+) -> np.ndarray:
+    """:func:`samples_in`, or a user error naming ``what`` (e.g. "test") when there is none."""
+    samples = samples_in(ends, table, time_range, sequence_length, horizon)
+    if len(samples) == 0:
+        raise UserError(
+            f"too little data: the {what} period {format_minute(time_range.start)} to {format_minute(time_range.end)} "
+            f"holds no complete window of {sequence_length + horizon} minutes (sequence length + horizon) with finite "
+            "values; use a shorter --sequence-length/--horizon or more data"
+        )
+    return samples
 
 
 @dataclass
@@ -683,3 +364,8 @@ def table_in(table: SeriesTable, time_range: TimeRange) -> SeriesTable:
         target=table.target[rows],
         feature_columns=list(table.feature_columns),
     )
+
+
+def span(table: SeriesTable) -> TimeRange:
+    """The minutes the table covers: its first minute to one past its last."""
+    return TimeRange(int(table.minutes.min()), int(table.minutes.max()) + 1)

@@ -40,3 +40,8 @@ def cli_entrypoint(main: Callable[[Sequence[str] | None], int]) -> Callable[[Seq
             return EXIT_BROKEN_PIPE
 
     return wrapper
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr (the run goes on)."""
+    print(f"warning: {message}", file=sys.stderr)

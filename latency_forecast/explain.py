@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import shap
 import torch
 from threadpoolctl import threadpool_limits
 
-from latency_forecast import pipeline
 from latency_forecast.config import ExplainConfig
 from latency_forecast.training import SeriesTensors
+
+if TYPE_CHECKING:  # the forecaster holds a Background: import for annotations only
+    from latency_forecast.forecaster import Forecaster, PreparedSeries
 
 POOLED = -1  # service code of the background pooled over all services (for services without training windows)
 BACKGROUND_POOL = 1000  # training windows per service drawn before summarising them with k-means
@@ -246,7 +248,7 @@ def explain_service(
 
 
 def explain(
-    forecaster: pipeline.Forecaster,
+    forecaster: Forecaster,
     series: SeriesTensors,
     ends: np.ndarray,
     background: Background,
@@ -347,8 +349,8 @@ def importance_report(
 
 
 def feature_importance(
-    forecaster: pipeline.Forecaster,
-    prepared: pipeline.PreparedSeries,
+    forecaster: Forecaster,
+    prepared: PreparedSeries,
     ends: np.ndarray,
     alert: np.ndarray,
     background: Background,

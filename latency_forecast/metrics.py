@@ -20,7 +20,7 @@ METRIC_KEYS = (
 )
 
 
-def _rate(numerator: int, denominator: int) -> float | None:
+def rate(numerator: int, denominator: int) -> float | None:
     """A rate, or None (JSON null) when it has no denominator."""
     return float(numerator / denominator) if denominator else None
 
@@ -56,11 +56,11 @@ def forecast_metrics(
     return {
         "rmse": float(np.sqrt(np.mean(error**2))) if n else None,
         "mae": float(np.mean(np.abs(error))) if n else None,
-        "breach_accuracy": _rate(tp + tn, n),
-        "true_positive_rate": _rate(tp, tp + fn),
-        "false_positive_rate": _rate(fp, fp + tn),
-        "false_negative_rate": _rate(fn, tp + fn),
-        "precision": _rate(tp, tp + fp),
+        "breach_accuracy": rate(tp + tn, n),
+        "true_positive_rate": rate(tp, tp + fn),
+        "false_positive_rate": rate(fp, fp + tn),
+        "false_negative_rate": rate(fn, tp + fn),
+        "precision": rate(tp, tp + fp),
         "true_positives": tp,
         "false_positives": fp,
         "true_negatives": tn,

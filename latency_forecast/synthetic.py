@@ -9,7 +9,6 @@ manifest with their root-cause feature. Run ``python -m latency_forecast.synthet
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,10 +16,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from latency_forecast.config import TARGET_COLUMN, ArgumentParser
+from latency_forecast import config
+from latency_forecast.config import MINUTES_PER_DAY, TARGET_COLUMN, SyntheticConfig
+from latency_forecast.errors import cli_entrypoint
 
-START = pd.Timestamp("2024-05-01T00:00:00Z")
-MINUTES_PER_DAY = 1440
+START = pd.Timestamp(SyntheticConfig.start)
 FEATURE_COLUMNS = (
     "cpu_rolling_avg",
     "mem_usage",
@@ -366,30 +366,26 @@ def _iso(timestamp: pd.Timestamp) -> str:
     return timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from latency_forecast import artifacts, data
-
-    parser = ArgumentParser(
+def build_parser() -> config.ArgumentParser:
+    return config.build_parser(
         prog="python -m latency_forecast.synthetic",
         description="Write the demo feature store (hive-partitioned by date) and its chaos_manifest.json.",
+        parents=[config.parent_parser(SyntheticConfig)],
     )
-    parser.add_argument("--output", default="feature_store", help="store directory to create (default: %(default)s)")
-    parser.add_argument("--days", type=int, default=35, help="days of minutes to simulate (default: %(default)s)")
-    parser.add_argument("--services", type=int, default=8, help="services; beyond 8 the call graph is repeated (default: %(default)s)")
-    parser.add_argument("--faults-per-day", type=float, default=1.5, help="mean injected faults per day (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same store (default: %(default)s)")
-    parser.add_argument("--start", default=_iso(START), help="first minute, ISO-8601 UTC (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.days < 1 or args.services < 1 or args.faults_per_day < 0:
-        parser.error("--days and --services must be at least 1, --faults-per-day at least 0")
-    start = pd.Timestamp(args.start)
-    start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
-    frame, manifest = generate(args.days, args.services, args.seed, args.faults_per_day, start.floor("min"))
-    data.write_feature_store(frame, args.output)
-    artifacts.write_json(manifest, f"{args.output}/chaos_manifest.json")
+
+
+@cli_entrypoint
+def main(argv: Sequence[str] | None = None) -> int:
+    from latency_forecast import artifacts, store
+
+    settings = config.from_args(build_parser().parse_args(argv), SyntheticConfig)
+    start = store.parse_timestamp(settings.start, "--start")
+    frame, manifest = generate(settings.days, settings.services, settings.seed, settings.faults_per_day, start.floor("min"))
+    store.write_feature_store(frame, settings.output)
+    artifacts.write_json(manifest, f"{settings.output}/chaos_manifest.json")
     print(
-        f"wrote {len(frame):,} rows ({frame['service'].nunique()} services x {args.days} days) "
-        f"and {len(manifest)} injected faults to {args.output}/"
+        f"wrote {len(frame):,} rows ({frame['service'].nunique()} services x {settings.days} days) "
+        f"and {len(manifest)} injected faults to {settings.output}/"
     )
     return 0
 
