@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STORE ?= feature_store
 ARTIFACTS ?= artifacts
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test docs bench setup clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(VENV)/.installed $(STORE)/chaos_manifest.json
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# docs/flags.md is generated from the scripts' parsers; tests/test_docs.py fails when it is stale
+docs: $(VENV)/.installed
+	$(PY) -m tools.flags_reference
 
 # Benchmarks need Darts and Lightning: a venv of their own, so they never reach .venv
 $(BENCH_VENV)/.installed: requirements.txt requirements-dev.txt requirements-bench.txt

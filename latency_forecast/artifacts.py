@@ -42,11 +42,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: str, write: Any, mode: str = "w") -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide metrics from a dashboard's reader
         with os.fdopen(handle, mode) as stream:
             write(stream)
         os.replace(temporary, path)
@@ -56,9 +63,13 @@ def _atomic(path: str, write: Any, mode: str = "w") -> None:
         raise
 
 
+def write_text(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file beside it, then a rename."""
+    _atomic(path, lambda stream: stream.write(text))
+
+
 def write_json(value: Any, path: str) -> None:
-    text = json.dumps(_clean(value), indent=2, default=_json_default, allow_nan=False)
-    _atomic(path, lambda stream: stream.write(text + "\n"))
+    write_text(json.dumps(_clean(value), indent=2, default=_json_default, allow_nan=False) + "\n", path)
 
 
 class Stage:
