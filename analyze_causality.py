@@ -19,11 +19,11 @@ from typing import Sequence
 import pandas as pd
 
 from latency_forecast import artifacts, causality, config, data, plots, store, training
-from latency_forecast.config import CausalityConfig, ExplainConfig, StoreConfig
+from latency_forecast.config import CausalityConfig, CheckpointConfig, ExplainConfig, StoreConfig, TimeRangeConfig
 from latency_forecast.errors import UserError, cli_entrypoint, warn
 from latency_forecast.forecaster import Forecaster
 
-CONFIGS = (CausalityConfig, StoreConfig, ExplainConfig)
+CONFIGS = (CheckpointConfig, CausalityConfig, StoreConfig, TimeRangeConfig, ExplainConfig)
 
 
 def build_parser() -> config.ArgumentParser:
@@ -43,12 +43,12 @@ def _read_manifest(path: str) -> list[causality.Fault]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, store_config, explain_config = config.from_args(build_parser().parse_args(argv), *CONFIGS)
+    checkpoint, settings, store_config, time_range, explain_config = config.from_args(build_parser().parse_args(argv), *CONFIGS)
     started = time.perf_counter()
 
-    start, end = store.time_bounds(store_config)
-    forecaster = Forecaster.load(settings.model_checkpoint, settings.scaler_path, training.resolve_device("auto"))
-    background = forecaster.require_background(settings.model_checkpoint)
+    start, end = store.time_bounds(time_range)
+    forecaster = Forecaster.load(checkpoint.model_checkpoint, checkpoint.scaler_path, training.resolve_device("auto"))
+    background = forecaster.require_background(checkpoint.model_checkpoint)
     faults = _read_manifest(settings.chaos_manifest) if settings.chaos_manifest else None
 
     history = pd.Timedelta(minutes=forecaster.data_config.window_minutes - 1)  # what the first window needs before start
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         forecaster, prepared, time_range, background, faults, settings, explain_config, forecaster.training_config.seed
     )
     report = analysis.report
-    report["model"]["checkpoint"] = os.path.abspath(settings.model_checkpoint)
+    report["model"]["checkpoint"] = os.path.abspath(checkpoint.model_checkpoint)
 
     output_dir = os.path.dirname(os.path.abspath(settings.output))
     name = os.path.basename(settings.output)

@@ -13,11 +13,11 @@ import time
 from typing import Sequence
 
 from latency_forecast import alerting, artifacts, backtesting, config, data, plots, store
-from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TrainingConfig
+from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 
 
-CONFIGS = (StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BacktestConfig, ProgressConfig)
+CONFIGS = (StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BacktestConfig, ProgressConfig)
 
 
 def build_parser() -> config.ArgumentParser:
@@ -48,7 +48,7 @@ def _output_paths(output: str) -> tuple[str, str, str]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    store_config, data_config, model_config, training_config, alert_config, backtest_config, progress = config.from_args(
+    store_config, time_range, data_config, model_config, training_config, alert_config, backtest_config, progress = config.from_args(
         build_parser().parse_args(argv), *CONFIGS
     )
     thresholds = alerting.read_latency_thresholds(data_config)
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
 
-    table = store.load_store(store_config, data_config.feature_columns)
+    table = store.load_store(store_config, time_range, data_config.feature_columns)
     span = data.span(table)
     folds = backtesting.plan_folds(span, backtest_config, data_config)
     backtesting.check_folds(table, folds, data_config)
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         latency_thresholds=thresholds,
     )
     run_config = {
-        "store": config.to_dict(store_config),
+        "store": {**config.to_dict(store_config), **config.to_dict(time_range)},
         "data": config.to_dict(data_config),
         "model": config.to_dict(model_config),
         "training": config.to_dict(training_config),

@@ -22,11 +22,12 @@ from latency_forecast.config import (
     OutputConfig,
     ProgressConfig,
     StoreConfig,
+    TimeRangeConfig,
     TrainingConfig,
 )
 from latency_forecast.errors import cli_entrypoint, warn
 
-CONFIGS = (StoreConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, ImportanceConfig, ExplainConfig, OutputConfig, ProgressConfig)
+CONFIGS = (StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, ImportanceConfig, ExplainConfig, OutputConfig, ProgressConfig)
 
 
 def build_parser() -> config.ArgumentParser:
@@ -36,14 +37,14 @@ def build_parser() -> config.ArgumentParser:
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    store_config, data_config, model_config, training_config, alert_config, importance_config, explain_config, output, progress = (
+    store_config, time_range, data_config, model_config, training_config, alert_config, importance_config, explain_config, output, progress = (
         config.from_args(args, *CONFIGS)
     )
     thresholds = alerting.read_latency_thresholds(data_config)
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
 
-    table = store.load_store(store_config, data_config.feature_columns)
+    table = store.load_store(store_config, time_range, data_config.feature_columns)
     unknown = sorted(set(thresholds.per_service) - set(table.services))
     if unknown:
         warn(f"--latency-thresholds names services not in the store: {', '.join(unknown)}")
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, splits.train, splits.validation, data_config, model_config, training_config, not progress.quiet, log, thresholds,
         inplace=True,  # the raw features are not needed again
     )
-    trained.store_config, trained.alert_config = store_config, alert_config
+    trained.store_config, trained.time_range_config, trained.alert_config = store_config, time_range, alert_config
     split_ends = {name: prepared.samples(getattr(splits, name), name) for name in ("train", "validation", "test")}
 
     # The operating point is chosen on validation; the test split only measures it.

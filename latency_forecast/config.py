@@ -33,6 +33,12 @@ class StoreConfig:
         "feature store: a Parquet file or a directory of them (hive partitions allowed); "
         "generate the demo store with `python -m latency_forecast.synthetic`",
     )
+
+
+@dataclass
+class TimeRangeConfig:
+    """Which minutes of the store are read."""
+
     start_ts: str | None = _setting(
         None, "first minute to read, ISO-8601 (UTC unless an offset is given); default: start of the store"
     )
@@ -232,11 +238,17 @@ class ImportanceConfig:
 
 
 @dataclass
-class CausalityConfig:
-    """Which model, which faults, what to write (analyze_causality.py)."""
+class CheckpointConfig:
+    """The trained model to use."""
 
     model_checkpoint: str = _setting("artifacts/latency_forecaster.pt", "checkpoint written by train.py")
     scaler_path: str = _setting("artifacts/scaler.pt", "scaler.pt written beside the checkpoint")
+
+
+@dataclass
+class CausalityConfig:
+    """Which faults, what to write (analyze_causality.py)."""
+
     chaos_manifest: str | None = _setting(
         None, "chaos manifest (JSON list of injected faults) to score the explanations against; default: no scoring"
     )
@@ -254,6 +266,36 @@ class CausalityConfig:
     def __post_init__(self) -> None:
         _require(self.max_samples >= 0, "--max-samples must be 0 or more")
         _require(self.output.endswith(".json"), f"--output must name a .json file, got {self.output}")
+
+
+@dataclass
+class ForecastConfig:
+    """When to forecast and where the forecasts go (forecast.py)."""
+
+    at: str | None = _setting(
+        None, "forecast from the window ending at this minute, ISO-8601 (UTC unless an offset is given); default: the newest minute in the store"
+    )
+    max_staleness_minutes: int = _setting(
+        5, "a service whose newest minute is more than this many minutes before --at is reported stale, not forecast"
+    )
+    output: str = _setting("artifacts/forecasts.json", "path of forecasts.json")
+    prometheus_textfile: str | None = _setting(
+        None, "also write the forecasts in Prometheus' text format here, for node_exporter's textfile collector (a *.prom file)"
+    )
+    alertmanager_url: str | None = _setting(
+        None, "also post the firing alerts to this Alertmanager (its base URL, e.g. http://alertmanager:9093)"
+    )
+    alertmanager_timeout: float = _setting(5.0, "seconds to wait for Alertmanager before giving up")
+    resolve_after_minutes: float = _setting(
+        5.0, "a posted alert ends this many minutes after the run unless a later run posts it again"
+    )
+    severity: str = _setting("warning", "severity label of the posted alerts")
+
+    def __post_init__(self) -> None:
+        _require(self.max_staleness_minutes >= 0, "--max-staleness-minutes must be 0 or more")
+        _require(self.output.endswith(".json"), f"--output must name a .json file, got {self.output}")
+        _require(self.alertmanager_timeout > 0, "--alertmanager-timeout must be positive (seconds)")
+        _require(self.resolve_after_minutes > 0, "--resolve-after-minutes must be positive")
 
 
 @dataclass

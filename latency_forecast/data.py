@@ -55,7 +55,12 @@ class SeriesTable:
 
 def format_minute(minute: int | np.integer) -> str:
     """ISO-8601 UTC string of a minute index, as the contract writes timestamps."""
-    return pd.Timestamp(int(minute) * NS_PER_MINUTE, tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp_of(minute).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def timestamp_of(minute: int | np.integer) -> pd.Timestamp:
+    """The UTC timestamp of a minute index."""
+    return pd.Timestamp(int(minute) * NS_PER_MINUTE, tz="UTC")
 
 
 def to_minute(stamp: pd.Timestamp) -> int:
@@ -126,6 +131,32 @@ def window_ends(table: SeriesTable, sequence_length: int, horizon: int) -> tuple
     ends = np.flatnonzero(complete).astype(index_dtype)
     ends += L - 1
     return ends, counts
+
+
+@dataclass
+class LatestWindows:
+    """Each service's newest row, and whether the window of L minutes ending there can be forecast.
+
+    row : (n_services,) int64 row index of the service's newest minute
+    complete : (n_services,) bool, the L minutes up to it are all present
+    finite : (n_services,) bool, every input in those minutes is finite
+    """
+
+    row: np.ndarray
+    complete: np.ndarray
+    finite: np.ndarray
+
+
+def latest_windows(table: SeriesTable, sequence_length: int) -> LatestWindows:
+    """The window ending at each service's newest minute (what a live forecast reads: no target)."""
+    bounds = table.service_bounds
+    last = bounds[1:] - 1
+    first = last - (sequence_length - 1)
+    complete = (first >= bounds[:-1]) & (table.minutes[last] - table.minutes[np.maximum(first, 0)] == sequence_length - 1)
+    finite = np.array(
+        [bool(np.isfinite(table.features[max(a, 0) : b + 1]).all()) for a, b in zip(first, last)], dtype=bool
+    )
+    return LatestWindows(last.astype(np.int64), complete, finite)
 
 
 @dataclass(frozen=True)

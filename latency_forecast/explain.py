@@ -96,7 +96,7 @@ def build_background(
             continue
         if len(mine) > pool:
             mine = np.sort(rng.choice(mine, pool, replace=False))
-        drawn = series.batch(torch.as_tensor(mine, device=series.inputs.device))[0].cpu().numpy()
+        drawn = series.windows(torch.as_tensor(mine, device=series.inputs.device))[0].cpu().numpy()
         if len(drawn) <= size:
             centres, share = drawn, np.ones(len(drawn))
         else:
@@ -272,7 +272,7 @@ def explain(
         positions = np.flatnonzero(codes == code)
         for start in range(0, len(positions), EXPLAIN_BATCH):
             chosen = positions[start : start + EXPLAIN_BATCH]
-            windows = series.batch(torch.as_tensor(ends[chosen], dtype=torch.int64, device=device))[0].cpu().numpy()
+            windows = series.windows(torch.as_tensor(ends[chosen], dtype=torch.int64, device=device))[0].cpu().numpy()
             result = explain_service(
                 forecaster.explained_model, forecaster.target_normalizer, windows, int(code), reference, weights, config, seed
             )

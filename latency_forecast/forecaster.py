@@ -14,7 +14,7 @@ import torch
 
 from latency_forecast import artifacts, config, data, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
-from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreConfig, TrainingConfig
+from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.data import FeatureScaler, SeriesTable, TargetNormalizer, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.explain import Background
@@ -88,6 +88,7 @@ class Forecaster:
     background: Background | None = None  # "normal" windows per service, for explanations
     # recorded with the model, not needed to run it
     store_config: StoreConfig | None = None
+    time_range_config: TimeRangeConfig | None = None
     alert_config: AlertConfig | None = None
 
     @property
@@ -111,7 +112,8 @@ class Forecaster:
             "training": config.to_dict(self.training_config),
         }
         if self.store_config is not None:
-            settings = {"store": config.to_dict(self.store_config), **settings}
+            store = {**config.to_dict(self.store_config), **config.to_dict(self.time_range_config or TimeRangeConfig())}
+            settings = {"store": store, **settings}
         if self.alert_config is not None:
             settings["alert"] = config.to_dict(self.alert_config)
         return settings
@@ -214,6 +216,7 @@ class Forecaster:
             cause_model,
             Background.from_state(background) if isinstance(background, dict) else None,
             config.from_dict(StoreConfig, settings["store"]) if "store" in settings else None,
+            config.from_dict(TimeRangeConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(AlertConfig, settings["alert"]) if "alert" in settings else None,
         )
 

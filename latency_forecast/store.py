@@ -16,8 +16,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from latency_forecast.config import TARGET_COLUMN, StoreConfig
-from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, format_minute
+from latency_forecast.config import TARGET_COLUMN, StoreConfig, TimeRangeConfig
+from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute
 from latency_forecast.errors import UserError
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
@@ -148,24 +148,8 @@ def _time_filter(
     return expression
 
 
-def load_feature_store(
-    path: str,
-    feature_columns: Sequence[str] | None = None,
-    start: pd.Timestamp | None = None,
-    end: pd.Timestamp | None = None,
-) -> SeriesTable:
-    """Read and validate a feature store (contract section 1).
-
-    Only ``timestamp``, ``service``, the features and the target are read; the time range
-    ``[start, end)`` is pushed down to the scan (row-group statistics and ``date=`` partitions).
-    Timestamps are floored to the minute; tz-naive values are taken as UTC.
-
-    Raises
-    ------
-    UserError : for every contract violation, with a one-line message naming the fix.
-    """
-    if start is not None and end is not None and start >= end:
-        raise UserError(f"start {start.isoformat()} is not before end {end.isoformat()}; swap or widen the range")
+def _open_dataset(path: str) -> tuple[ds.Dataset, set[str]]:
+    """The store as a pyarrow dataset with its schema checked, and its hive partition keys."""
     filesystem, root, files = _parquet_files(path)
     try:
         # service names come as Parquet stores them, dictionary-encoded: no string per row is built
@@ -188,7 +172,78 @@ def load_feature_store(
         raise UserError(f"column 'service' is {service_type}, not a string; store service names as strings")
     if not _is_numeric(schema.field(TARGET_COLUMN).type):
         raise UserError(f"column {TARGET_COLUMN!r} is {schema.field(TARGET_COLUMN).type}, not numeric milliseconds")
-    partition_keys = _partition_keys(root, files)
+    return dataset, _partition_keys(root, files)
+
+
+def minute_span(path: str) -> TimeRange:
+    """The store's first minute to one past its newest, from the files' row-group statistics
+    where they have them (no data is read), else from a scan of the timestamp column."""
+    dataset, _ = _open_dataset(path)
+    unit = dataset.schema.field(TIMESTAMP_COLUMN).type.unit
+    bounds: list[int] = []
+    try:
+        for fragment in dataset.get_fragments():
+            fragment.ensure_complete_metadata()
+            statistics = [group.statistics.get(TIMESTAMP_COLUMN, {}) for group in fragment.row_groups]
+            values = [value for stats in statistics for value in (stats.get("min"), stats.get("max"))]
+            if not values or any(value is None for value in values):  # no statistics: read the column
+                stamps = fragment.to_table(columns=[TIMESTAMP_COLUMN]).column(0).drop_null()
+                values = list(pc.min_max(stamps).values()) if len(stamps) else []
+            bounds.extend(_minute_of(value, unit) for value in values)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that every *.parquet file is valid Parquet") from error
+    if not bounds:
+        raise UserError(f"the feature store {path} has no rows; check the path")
+    return TimeRange(min(bounds), max(bounds) + 1)
+
+
+def _minute_of(value, unit: str) -> int:
+    """Minute index of a statistics value (a datetime, or a raw integer in the column's unit)."""
+    if isinstance(value, pa.Scalar):
+        value = value.as_py()
+    if isinstance(value, (int, np.integer)):
+        return int(value) // _UNITS_PER_MINUTE[unit]
+    stamp = pd.Timestamp(value)
+    return int((stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp).value // NS_PER_MINUTE)
+
+
+def newest_minutes(path: str, services: Sequence[str], before: pd.Timestamp) -> dict[str, int]:
+    """Each named service's newest minute before ``before`` (services without rows are left out);
+    reads only the timestamp and service columns of those services' rows."""
+    dataset, partition_keys = _open_dataset(path)
+    unit = dataset.schema.field(TIMESTAMP_COLUMN).type.unit
+    row_filter = _time_filter(dataset, partition_keys, None, before) & ds.field(SERVICE_COLUMN).isin(list(services))
+    newest: dict[str, int] = {}
+    try:
+        keys = _read_keys(_scan(dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that every *.parquet file is valid Parquet") from error
+    if keys is not None:
+        last = np.searchsorted(keys.codes, np.arange(len(keys.names) + 1))[1:] - 1
+        newest = {name: int(keys.minutes[row]) for name, row in zip(keys.names, last)}
+    return newest
+
+
+def load_feature_store(
+    path: str,
+    feature_columns: Sequence[str] | None = None,
+    start: pd.Timestamp | None = None,
+    end: pd.Timestamp | None = None,
+) -> SeriesTable:
+    """Read and validate a feature store (contract section 1).
+
+    Only ``timestamp``, ``service``, the features and the target are read; the time range
+    ``[start, end)`` is pushed down to the scan (row-group statistics and ``date=`` partitions).
+    Timestamps are floored to the minute; tz-naive values are taken as UTC.
+
+    Raises
+    ------
+    UserError : for every contract violation, with a one-line message naming the fix.
+    """
+    if start is not None and end is not None and start >= end:
+        raise UserError(f"start {start.isoformat()} is not before end {end.isoformat()}; swap or widen the range")
+    dataset, partition_keys = _open_dataset(path)
+    schema = dataset.schema
     features = resolve_feature_columns(schema, feature_columns, exclude=sorted(partition_keys))
 
     row_filter = _time_filter(dataset, partition_keys, start, end)
@@ -347,18 +402,18 @@ def write_feature_store(frame: pd.DataFrame, path: str) -> None:
 
 
 
-def time_bounds(store_config: StoreConfig) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+def time_bounds(time_range: TimeRangeConfig) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
     """``--start-ts`` and ``--end-ts`` as UTC timestamps; start must be before end."""
-    start = parse_timestamp(store_config.start_ts, "--start-ts")
-    end = parse_timestamp(store_config.end_ts, "--end-ts")
+    start = parse_timestamp(time_range.start_ts, "--start-ts")
+    end = parse_timestamp(time_range.end_ts, "--end-ts")
     if start is not None and end is not None and start >= end:
-        raise UserError(f"--start-ts {store_config.start_ts} is not before --end-ts {store_config.end_ts}; swap or widen the range")
+        raise UserError(f"--start-ts {time_range.start_ts} is not before --end-ts {time_range.end_ts}; swap or widen the range")
     return start, end
 
 
-def load_store(store_config: StoreConfig, feature_columns: Sequence[str] | None) -> SeriesTable:
+def load_store(store_config: StoreConfig, time_range: TimeRangeConfig, feature_columns: Sequence[str] | None) -> SeriesTable:
     """The store named by the --feature-store-path/--start-ts/--end-ts flags."""
-    return load_feature_store(store_config.feature_store_path, feature_columns, *time_bounds(store_config))
+    return load_feature_store(store_config.feature_store_path, feature_columns, *time_bounds(time_range))
 
 
 def load_model_features(

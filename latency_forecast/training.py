@@ -57,11 +57,16 @@ class SeriesTensors:
     horizon: int
     breach: torch.Tensor | None = None  # (n_rows,) float32 1/0: latency at or above its threshold
 
-    def batch(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Windows (batch, sequence_length, n_features), service codes and targets for these ends."""
+    def windows(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows (batch, sequence_length, n_features) and service codes for these ends; no
+        target is read, so a window whose future has not happened yet (forecast.py) works too."""
         offsets = torch.arange(1 - self.sequence_length, 1, device=ends.device)
-        windows = self.inputs[ends[:, None] + offsets]
-        return windows, self.service_codes[ends].long(), self.target[ends + self.horizon]
+        return self.inputs[ends[:, None] + offsets], self.service_codes[ends].long()
+
+    def batch(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows, service codes and targets (at t+H) for these ends."""
+        windows, services = self.windows(ends)
+        return windows, services, self.target[ends + self.horizon]
 
     def current(self, ends: torch.Tensor) -> torch.Tensor:
         """The standardised latency at t of each sample (what an anchored model starts from)."""
@@ -123,7 +128,7 @@ def predict(
     forecasts, probabilities = [], []
     for i in range(0, len(ends), batch_size):
         batch = ends_tensor[i : i + batch_size]
-        windows, services, _ = series.batch(batch)
+        windows, services = series.windows(batch)
         if multitask:
             forecast, logit = model(windows, services, series.current(batch), with_breach=True)
             probabilities.append(torch.sigmoid(logit))

@@ -1,0 +1,127 @@
+"""Forecasts at the newest minute (forecast.py): per service a status, the p99 forecast at t+H from
+the window ending at its newest minute, the checkpoint's alert decision and, for alerts, the top
+causes. Nothing here needs a latency after t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from latency_forecast import data, explain
+from latency_forecast.causality import rank_features
+from latency_forecast.config import ExplainConfig
+from latency_forecast.data import SeriesTable, format_minute
+from latency_forecast.forecaster import Forecaster
+
+STATUSES = ("ok", "stale", "gap", "unknown_service", "missing")
+TOP_CAUSES = 3
+
+
+def _entry(service: str, status: str, as_of: int | None, horizon: int) -> dict[str, Any]:
+    return {
+        "service": service,
+        "as_of": None if as_of is None else format_minute(as_of),
+        "target_time": None if as_of is None else format_minute(as_of + horizon),
+        "forecast_ms": None,
+        "quantiles": {},
+        "current_latency_ms": None,
+        "latency_threshold_ms": None,
+        "score": None,
+        "threshold": None,
+        "alert": False,
+        "causes": [],
+        "status": status,
+    }
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def forecast_report(
+    forecaster: Forecaster,
+    table: SeriesTable,
+    at: int,
+    max_staleness_minutes: int,
+    newest_elsewhere: dict[str, int],
+    explain_config: ExplainConfig,
+) -> dict[str, Any]:
+    """The ``forecasts.json`` report (contract section 4) at minute ``at``.
+
+    Parameters
+    ----------
+    table : the store's rows up to ``at`` (the last L + staleness minutes are enough)
+    newest_elsewhere : the newest minute, before the rows of ``table``, of checkpoint services
+        that have no row in it (they are stale); a service in neither is ``missing``
+
+    A service is forecast from the window of L minutes ending at its newest minute ``t <= at``
+    (``as_of``): ``stale`` when ``at - t`` exceeds ``max_staleness_minutes``, ``gap`` when a minute
+    of the window is missing or an input is not finite (or, for a model anchored at the latency at
+    t, that latency is NaN).
+    """
+    horizon, length = forecaster.data_config.horizon, forecaster.data_config.sequence_length
+    prepared = forecaster.prepare(table, inplace=True)
+    latest = data.latest_windows(table, length)
+    code_of = {name: code for code, name in enumerate(table.services)}
+    entries: dict[str, dict[str, Any]] = {}
+    for service in forecaster.services:
+        if service not in code_of:
+            stale_at = newest_elsewhere.get(service)
+            entries[service] = _entry(service, "missing" if stale_at is None else "stale", stale_at, horizon)
+            continue
+        row = int(latest.row[code_of[service]])
+        minute = int(table.minutes[row])
+        status = "ok"
+        if at - minute > max_staleness_minutes:
+            status = "stale"
+        elif not (latest.complete[code_of[service]] and latest.finite[code_of[service]]):
+            status = "gap"
+        elif forecaster.model.anchored and not np.isfinite(table.target[row]):
+            status = "gap"
+        entries[service] = _entry(service, status, minute, horizon)
+        entries[service]["current_latency_ms"] = _finite(table.target[row])
+    for service in prepared.unknown_services:
+        entries[service] = _entry(service, "unknown_service", int(table.minutes[latest.row[code_of[service]]]), horizon)
+
+    ok = [service for service in forecaster.services if entries[service]["status"] == "ok"]
+    ends = np.array([latest.row[code_of[service]] for service in ok], dtype=np.int64)
+    method = None
+    if len(ends):
+        forecast, probability = forecaster.predict(prepared, ends)
+        latency_threshold = prepared.latency_threshold(ends)
+        score = forecaster.alert.scores(forecast, probability, latency_threshold)
+        threshold = forecaster.alert.thresholds_for(ok)
+        alert = score >= threshold
+        for i, service in enumerate(ok):
+            entries[service].update(
+                forecast_ms=float(forecast[i]),
+                latency_threshold_ms=float(latency_threshold[i]),
+                score=float(score[i]),
+                threshold=float(threshold[i]),
+                alert=bool(alert[i]),
+            )
+        if alert.any():
+            background = forecaster.require_background("the checkpoint")
+            attributions = explain.explain(
+                forecaster, prepared.tensors, ends[alert], background, explain_config, forecaster.training_config.seed
+            )
+            method = attributions.method
+            for values, i in zip(attributions.values, np.flatnonzero(alert)):
+                scores = dict(zip(forecaster.feature_columns, values.tolist()))
+                entries[ok[i]]["causes"] = [
+                    {"feature": name, "score": scores[name]} for name in rank_features(values, forecaster.feature_columns)[:TOP_CAUSES]
+                ]
+    forecasts = [entries[service] for service in sorted(entries)]
+    counts = {status: sum(entry["status"] == status for entry in forecasts) for status in STATUSES}
+    return {
+        "as_of": format_minute(at),
+        "horizon": horizon,
+        "sequence_length": length,
+        "max_staleness_minutes": max_staleness_minutes,
+        "alert_rule": forecaster.alert.as_dict(),
+        "explanation_method": method,
+        "summary": {**counts, "alerts": sum(entry["alert"] for entry in forecasts)},
+        "forecasts": forecasts,
+    }
