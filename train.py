@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": {
             "splits": splits.as_dict(),
             "windows": prepared.counts.as_dict(),
+            "invalid_values": table.invalid_values,
             "samples": {name: int(len(ends)) for name, ends in split_ends.items()},
             "services": table.services,
             "feature_columns": table.feature_columns,

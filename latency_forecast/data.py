@@ -34,6 +34,7 @@ class SeriesTable:
     features : (n_rows, n_features) float32, C-contiguous, NaN where missing
     target : (n_rows,) float32, p99 latency in ms, NaN where missing
     feature_columns : names of the columns of ``features``
+    invalid_values : per column, how many values were read as missing (inf, impossible latency)
     """
 
     minutes: np.ndarray
@@ -42,6 +43,7 @@ class SeriesTable:
     features: np.ndarray
     target: np.ndarray
     feature_columns: list[str]
+    invalid_values: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.minutes)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from latency_forecast.config import TARGET_COLUMN, StoreConfig, TimeRangeConfig
 from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute
-from latency_forecast.errors import UserError
+from latency_forecast.errors import UserError, warn
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
 _BATCH_ROWS = 1 << 15  # rows per record batch while reading
@@ -257,10 +257,10 @@ def load_feature_store(
             raise UserError(f"the feature store {path} has no rows{span}; check the path and the time range")
         # the target may also be a feature (its own history): read it once
         columns = list(dict.fromkeys([TIMESTAMP_COLUMN, *features, TARGET_COLUMN]))
-        matrix, target = _read_values(_scan(dataset, columns, row_filter), keys, features, unit)
+        matrix, target, invalid = _read_values(_scan(dataset, columns, row_filter), keys, features, unit)
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that all files share one schema") from error
-    return SeriesTable(keys.minutes, keys.codes, keys.names, matrix, target, list(features))
+    return SeriesTable(keys.minutes, keys.codes, keys.names, matrix, target, list(features), invalid)
 
 
 def _first_line(error: BaseException) -> str:
@@ -347,14 +347,24 @@ def _read_keys(batches: Iterable[pa.RecordBatch], unit: str) -> _Keys | None:
     return _Keys(minutes, codes, names, destination)
 
 
+# A p99 above an hour is no latency but a broken exporter (or a unit mix-up): read as missing.
+MAX_LATENCY_MS = 3_600_000.0
+
+
 def _read_values(
     batches: Iterable[pa.RecordBatch], keys: _Keys, features: Sequence[str], unit: str
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """(n_rows, n_features) float32 features and (n_rows,) float32 target, each batch written
-    straight to its rows' sorted places."""
+    straight to its rows' sorted places, and the count per column of values read as missing.
+
+    Infinities (a rate() over a counter reset, a division by zero requests) and latencies that
+    cannot be (negative, over ``MAX_LATENCY_MS``) become NaN, so they are handled like any
+    missing value: the windows that hold them are not samples, and they are counted.
+    """
     n = len(keys.minutes)
     matrix = np.empty((n, len(features)), dtype=np.float32)
     target = np.empty(n, dtype=np.float32)
+    invalid = dict.fromkeys([*features, TARGET_COLUMN], 0)
     offset = 0
     for batch in batches:
         place = keys.destination[offset : offset + batch.num_rows]
@@ -363,12 +373,28 @@ def _read_values(
         block = np.empty((batch.num_rows, len(features)), dtype=np.float32)
         for j, name in enumerate(features):
             block[:, j] = _as_float(batch.column(name))
+            invalid[name] += _drop_invalid(block[:, j], name)
         matrix[place] = block
-        target[place] = _as_float(batch.column(TARGET_COLUMN))
+        latency = _as_float(batch.column(TARGET_COLUMN)).astype(np.float32)
+        if TARGET_COLUMN not in features:  # else counted above, as a feature
+            invalid[TARGET_COLUMN] += _drop_invalid(latency, TARGET_COLUMN)
+        else:
+            _drop_invalid(latency, TARGET_COLUMN)
+        target[place] = latency
         offset += batch.num_rows
     if offset != n:
         raise UserError("the feature store changed while it was being read; read it again")
-    return matrix, target
+    return matrix, target, {name: count for name, count in invalid.items() if count}
+
+
+def _drop_invalid(values: np.ndarray, name: str) -> int:
+    """Set infinities (and, for the latency, impossible values) to NaN in place; how many."""
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(values)
+        if name == TARGET_COLUMN:
+            bad |= (values < 0) | (values > MAX_LATENCY_MS)
+    values[bad] = np.nan
+    return int(bad.sum())
 
 
 def _as_float(column: pa.Array) -> np.ndarray:
@@ -413,7 +439,14 @@ def time_bounds(time_range: TimeRangeConfig) -> tuple[pd.Timestamp | None, pd.Ti
 
 def load_store(store_config: StoreConfig, time_range: TimeRangeConfig, feature_columns: Sequence[str] | None) -> SeriesTable:
     """The store named by the --feature-store-path/--start-ts/--end-ts flags."""
-    return load_feature_store(store_config.feature_store_path, feature_columns, *time_bounds(time_range))
+    return _warn_invalid(load_feature_store(store_config.feature_store_path, feature_columns, *time_bounds(time_range)))
+
+
+def _warn_invalid(table: SeriesTable) -> SeriesTable:
+    if table.invalid_values:
+        counts = ", ".join(f"{name} {count:,}" for name, count in table.invalid_values.items())
+        warn(f"values read as missing (infinite, or a negative or over-an-hour latency): {counts}; their windows are not samples")
+    return table
 
 
 def load_model_features(
@@ -421,7 +454,7 @@ def load_model_features(
 ) -> SeriesTable:
     """:func:`load_feature_store` for a trained model's features: a missing one is the store's fault."""
     try:
-        return load_feature_store(path, feature_columns, start, end)
+        return _warn_invalid(load_feature_store(path, feature_columns, start, end))
     except ColumnError as error:
         raise UserError(
             f"the store does not hold the model's features ({error}); use a store of the kind the model was trained on"
