@@ -13,11 +13,11 @@ import time
 from typing import Sequence
 
 from latency_forecast import alerting, artifacts, backtesting, config, data, plots, store
-from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
+from latency_forecast.config import AlertConfig, BacktestConfig, BaselineConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 
 
-CONFIGS = (StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BacktestConfig, ProgressConfig)
+CONFIGS = (StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig, BacktestConfig, ProgressConfig)
 
 
 def build_parser() -> config.ArgumentParser:
@@ -29,11 +29,12 @@ def _percent(value: float | None) -> str:
 
 
 def _progress_line(result: backtesting.FoldResult, n_folds: int) -> str:
-    fold, model, baseline = result.fold, result.metrics, result.baseline
+    fold, model = result.fold, result.metrics
+    baselines = ", ".join(f"{name} {block['mae']:.1f}" for name, block in result.baseline.items())
     return (
         f"fold {fold.number}/{n_folds}  train {data.format_minute(fold.train.start)} .. {data.format_minute(fold.train.end)}  "
         f"val {data.format_minute(fold.validation.start)} .. {data.format_minute(fold.validation.end)}  "
-        f"MAE {model['mae']:.1f} ms (persistence {baseline['mae']:.1f})  "
+        f"MAE {model['mae']:.1f} ms ({baselines})  "
         f"FPR {_percent(model['false_positive_rate'])}  TPR {_percent(model['true_positive_rate'])}  {result.seconds:.0f}s"
     )
 
@@ -48,10 +49,11 @@ def _output_paths(output: str) -> tuple[str, str, str]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    store_config, time_range, data_config, model_config, training_config, alert_config, backtest_config, progress = config.from_args(
+    store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config, backtest_config, progress = config.from_args(
         build_parser().parse_args(argv), *CONFIGS
     )
     thresholds = alerting.read_latency_thresholds(data_config)
+    alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
     directory, json_name, figure_name = _output_paths(backtest_config.output)
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
@@ -75,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_result=lambda result: log(_progress_line(result, len(folds))),
         alert_config=alert_config,
         latency_thresholds=thresholds,
+        baseline_config=baseline_config,
     )
     run_config = {
         "store": {**config.to_dict(store_config), **config.to_dict(time_range)},
@@ -82,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": config.to_dict(model_config),
         "training": config.to_dict(training_config),
         "alert": config.to_dict(alert_config),
+        "baselines": config.to_dict(baseline_config),
         "latency_thresholds": thresholds.as_dict(),
         "backtest": {**config.to_dict(backtest_config), **config.to_dict(progress)},
         "resolved": {
@@ -102,16 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_summary(report: dict, path: str, seconds: float) -> None:
+    names = list(report["baseline_summary"])
     print(f"\n{len(report['folds'])} folds written to {path} in {seconds:.0f}s")
-    print(f"{'fold':<6}{'validation window':<44}{'MAE model':>10}{'persist.':>10}{'ratio':>7}{'FPR':>8}{'TPR':>8}")
+    print(f"{'fold':<6}{'validation window':<44}{'MAE model':>10}" + "".join(f"{name[:18]:>20}" for name in names) + f"{'FPR':>8}{'TPR':>8}")
     for fold in report["folds"]:
-        model, baseline = fold["metrics"], fold["baseline"]
-        ratio = f"{model['mae'] / baseline['mae']:.2f}" if baseline["mae"] else "n/a"
+        model = fold["metrics"]
         print(
-            f"{fold['fold']:<6}{fold['val_start'] + ' .. ' + fold['val_end']:<44}{model['mae']:>10.1f}{baseline['mae']:>10.1f}"
-            f"{ratio:>7}{_percent(model['false_positive_rate']):>8}{_percent(model['true_positive_rate']):>8}"
+            f"{fold['fold']:<6}{fold['val_start'] + ' .. ' + fold['val_end']:<44}{model['mae']:>10.1f}"
+            + "".join(f"{fold['baseline'][name]['mae']:>20.1f}" for name in names)
+            + f"{_percent(model['false_positive_rate']):>8}{_percent(model['true_positive_rate']):>8}"
         )
-    summary, baseline = report["summary"], report["baseline_summary"]
+    summary = report["summary"]
 
     def spread(block: dict, percent: bool = False) -> str:
         if block["mean"] is None:
@@ -120,10 +125,12 @@ def _print_summary(report: dict, path: str, seconds: float) -> None:
         std = "" if block["std"] is None else f" ± {block['std'] * scale:.1f}{unit}"
         return f"{block['mean'] * scale:.1f}{unit}{std}"
 
-    print(f"mean ± std over folds: MAE {spread(summary['mae'])} ms (persistence {spread(baseline['mae'])}), "
+    baselines = ", ".join(f"{name} {spread(report['baseline_summary'][name]['mae'])}" for name in names)
+    print(f"mean ± std over folds: MAE {spread(summary['mae'])} ms ({baselines}), "
           f"FPR {spread(summary['false_positive_rate'], True)}, TPR {spread(summary['true_positive_rate'], True)}")
-    beaten = sum(1 for fold in report["folds"] if fold["metrics"]["mae"] < fold["baseline"]["mae"])
-    print(f"the model beat persistence on MAE in {beaten} of {len(report['folds'])} folds")
+    for name in names:
+        beaten = sum(1 for fold in report["folds"] if fold["metrics"]["mae"] < fold["baseline"][name]["mae"])
+        print(f"the model beat {name} on MAE in {beaten} of {len(report['folds'])} folds")
 
 
 if __name__ == "__main__":

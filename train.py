@@ -15,6 +15,7 @@ from typing import Sequence
 from latency_forecast import alerting, artifacts, config, data, evaluation, explain, forecaster, plots, store
 from latency_forecast.config import (
     AlertConfig,
+    BaselineConfig,
     DataConfig,
     ExplainConfig,
     ImportanceConfig,
@@ -27,7 +28,10 @@ from latency_forecast.config import (
 )
 from latency_forecast.errors import cli_entrypoint, warn
 
-CONFIGS = (StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, ImportanceConfig, ExplainConfig, OutputConfig, ProgressConfig)
+CONFIGS = (
+    StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig,
+    ImportanceConfig, ExplainConfig, OutputConfig, ProgressConfig,
+)
 
 
 def build_parser() -> config.ArgumentParser:
@@ -37,10 +41,10 @@ def build_parser() -> config.ArgumentParser:
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    store_config, time_range, data_config, model_config, training_config, alert_config, importance_config, explain_config, output, progress = (
-        config.from_args(args, *CONFIGS)
-    )
+    (store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,
+     importance_config, explain_config, output, progress) = config.from_args(args, *CONFIGS)
     thresholds = alerting.read_latency_thresholds(data_config)
+    alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
 
@@ -60,9 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained.store_config, trained.time_range_config, trained.alert_config = store_config, time_range, alert_config
     split_ends = {name: prepared.samples(getattr(splits, name), name) for name in ("train", "validation", "test")}
 
+    baselines = evaluation.fit_baselines(trained, prepared, split_ends["train"], baseline_config)
     # The operating point is chosen on validation; the test split only measures it.
-    validation, trained.alert = evaluation.calibrated_evaluation(trained, prepared, split_ends["validation"], alert_config)
-    evaluations = {"validation": validation, "test": evaluation.evaluate(trained, prepared, split_ends["test"])}
+    validation, trained.alert = evaluation.calibrated_evaluation(trained, prepared, split_ends["validation"], alert_config, baselines)
+    if trained.alert.negatives_needed and trained.alert.validation_negatives < trained.alert.negatives_needed:
+        warn(
+            f"validation holds {trained.alert.validation_negatives:,} non-breach samples; a --target-fpr of "
+            f"{alert_config.target_fpr:g} needs {trained.alert.negatives_needed:,} to mean something "
+            "(the calibrated threshold is conservative); use a longer store or a larger --validation-fraction"
+        )
+    evaluations = {"validation": validation, "test": evaluation.evaluate(trained, prepared, split_ends["test"], baselines)}
     report = {
         **evaluation.metrics_report(trained, evaluations, table.services, alert_config),
         "data": {
@@ -118,47 +129,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None, fmt: str = "{:.1f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
 def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
-    test, baseline = report["test"], report["baseline"]["persistence"]["test"]
+    test, baselines = report["test"], {name: blocks["test"] for name, blocks in report["baseline"].items()}
     alerting, point = report["alerting"]["test"], report["alerting"]["operating_point"]
-
-    def rate(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.1%}"
-
-    def number(value: float | None, fmt: str = "{:.1f}") -> str:
-        return "n/a" if value is None else fmt.format(value)
-
+    names = list(baselines)
     print(f"\nartifacts written to {os.path.abspath(output_dir)}/ in {seconds:.0f}s")
     print(f"test period: {report['data']['splits']['test']['start']} to {report['data']['splits']['test']['end']}, {test['n_samples']:,} samples")
     if point["target_fpr"]:
+        on = point["score"] + (f" {point['quantile']}" if point["quantile"] else "")
         print(
             f"alert threshold calibrated on validation for FPR <= {point['target_fpr']:.1%}: score >= {point['threshold']:.3g} "
-            f"({point['score']}); validation FPR {rate(point['validation_false_positive_rate'])}, test FPR {rate(point['test_false_positive_rate'])}"
+            f"({on}); validation FPR {_rate(point['validation_false_positive_rate'])}, test FPR {_rate(point['test_false_positive_rate'])}"
         )
-    print(f"{'':26}{'model':>12}{'persistence':>14}")
+
+    def row(label: str, model: str, others: list[str]) -> None:
+        print(f"{label:30}{model:>12}" + "".join(f"{other:>20}" for other in others))
+
+    row("", "model", names)
     for label, key in (("MAE (ms)", "mae"), ("RMSE (ms)", "rmse")):
-        print(f"{label:26}{number(test[key]):>12}{number(baseline[key]):>14}")
-    for label, key in (("breach TPR", "true_positive_rate"), ("false positive rate", "false_positive_rate"), ("precision", "precision")):
-        print(f"{label:26}{rate(test[key]):>12}{rate(baseline[key]):>14}")
-    model, persistence = alerting["model"], alerting["persistence"]
-    print(f"{'ROC-AUC':26}{number(model['roc_auc'], '{:.3f}'):>12}{number(persistence['roc_auc'], '{:.3f}'):>14}")
-    print(f"{'episodes anticipated':26}{model['anticipated_episodes']:>8}/{model['episodes']:<3}{persistence['anticipated_episodes']:>10}/{persistence['episodes']:<3}")
-    matched = alerting.get("persistence_at_target_fpr")
-    if matched:
-        print(f"{'  persistence at same FPR':26}{'':12}{matched['anticipated_episodes']:>10}/{matched['episodes']:<3}")
+        row(label, _number(test[key]), [_number(baselines[name][key]) for name in names])
+    row("breach TPR / FPR", f"{_rate(test['true_positive_rate'])} / {_rate(test['false_positive_rate'])}",
+        [f"{_rate(baselines[name]['true_positive_rate'])} / {_rate(baselines[name]['false_positive_rate'])}" for name in names])
+    row("ROC-AUC", _number(alerting["model"]["roc_auc"], "{:.3f}"), [_number(alerting[name]["roc_auc"], "{:.3f}") for name in names])
+    model = alerting["model"]
+    matched = [alerting.get(f"{name}_at_target_fpr") for name in names]
+    if any(matched):
+        print("at the target FPR, each threshold chosen on validation (test FPR, episodes anticipated, false alarms per service-day):")
+        per_day = "false_alarm_episodes_per_service_day"
+
+        def cell(view: dict | None) -> str:
+            if view is None:
+                return "n/a"
+            return f"{_rate(view['false_positive_rate'])} {view['anticipated_episodes']}/{view['episodes']} {_number(view[per_day], '{:.2f}')}"
+
+        row("  alerts", f"{_rate(test['false_positive_rate'])} {model['anticipated_episodes']}/{model['episodes']} {_number(model[per_day], '{:.2f}')}",
+            [cell(view) for view in matched])
+        for label, view in alerting.items():
+            if label.startswith("model_") and label.endswith("_at_target_fpr"):
+                print(f"  model alerting on its {view['source'].replace('_', ' ')} instead: {cell(view)}")
     paged = alerting["persistence_at_model_false_alarms"]
-    print(f"{'  at same false alarms':26}{'':12}{paged['anticipated_episodes']:>10}/{paged['episodes']:<3}")
-    per_day = "false_alarm_episodes_per_service_day"
-    print(f"{'false alarms /service-day':26}{number(model[per_day], '{:.2f}'):>12}{number(persistence[per_day], '{:.2f}'):>14}")
-    if matched:
-        print(f"{'  persistence at same FPR':26}{'':12}{number(matched[per_day], '{:.2f}'):>14}")
-    print(f"{'  at same false alarms':26}{'':12}{number(paged[per_day], '{:.2f}'):>14}")
-    print(
-        f"{'confusion (TP/FP/TN/FN)':26}"
-        f"{test['true_positives']}/{test['false_positives']}/{test['true_negatives']}/{test['false_negatives']}"
-    )
-    if test["mae"] is not None and baseline["mae"]:
-        print(f"model MAE is {test['mae'] / baseline['mae']:.2f}x persistence's on the same samples")
+    print(f"persistence at the model's paging load: {paged['anticipated_episodes']}/{paged['episodes']} episodes anticipated")
+    coverage = report["quantiles"]["test"]
+    if coverage:
+        print("quantile coverage on test: " + ", ".join(f"{name}: {_rate(block['coverage'])}" for name, block in coverage.items()))
+    print(f"confusion (TP/FP/TN/FN): {test['true_positives']}/{test['false_positives']}/{test['true_negatives']}/{test['false_negatives']}")
+    skills = [f"{1 - test['mae'] / baselines[name]['mae']:+.3f} over {name}" for name in names if test["mae"] is not None and baselines[name]["mae"]]
+    if skills:
+        print("model MAE skill (1 - MAE / baseline's, same samples): " + ", ".join(skills))
 
 
 if __name__ == "__main__":

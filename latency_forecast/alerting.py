@@ -4,14 +4,18 @@ score, and the rule's calibration to a target false positive rate on validation 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from latency_forecast import metrics
-from latency_forecast.config import AlertConfig, DataConfig
+from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, quantile_name
 from latency_forecast.errors import UserError
+
+if TYPE_CHECKING:  # the forecaster holds an AlertRule: import for annotations only
+    from latency_forecast.forecaster import Forecast
 
 # Per-service calibration needs enough validation negatives for the target rate to mean
 # something: at least this many allowed false alarms, else the service uses the global threshold.
@@ -69,36 +73,75 @@ class AlertRule:
     """When an alert fires: ``score >= threshold`` (per service where calibrated per service).
 
     The score is the forecast divided by the service's latency threshold (``forecast_ratio``),
-    so threshold 1.0 is the uncalibrated rule "forecast reaches the threshold"; for a multitask
-    model it is the predicted breach probability (``probability``, uncalibrated 0.5).
+    or a quantile forecast divided by it (``quantile_ratio``, the upper bound crossing the SLO),
+    so threshold 1.0 is the uncalibrated rule "the forecast reaches the threshold"; for a
+    multitask model it is the predicted breach probability (``probability``, uncalibrated 0.5).
+    ``validation_negatives`` is how many non-breach samples the calibration had.
     """
 
     score: str = "forecast_ratio"
     threshold: float = 1.0
     per_service: dict[str, float] = field(default_factory=dict)
     target_fpr: float | None = None
+    quantile: str | None = None  # the quantile level a quantile_ratio score divides
+    validation_negatives: int | None = None
 
     def thresholds_for(self, services: Sequence[str]) -> np.ndarray:
         return np.array([self.per_service.get(name, self.threshold) for name in services], dtype=np.float64)
 
-    def scores(self, forecast: np.ndarray, probability: np.ndarray | None, latency_threshold: np.ndarray) -> np.ndarray:
-        """The number this rule thresholds: forecast / latency threshold, or the breach probability."""
+    def scores(self, forecast: Forecast, latency_threshold: np.ndarray) -> np.ndarray:
+        """The number this rule thresholds, for each forecast sample."""
         if self.score == "probability":
-            if probability is None:
+            if forecast.probability is None:
                 raise UserError("this checkpoint alerts on a breach probability but has no breach head; retrain it")
-            return probability.astype(np.float64)
-        return forecast / latency_threshold
+            return forecast.probability.astype(np.float64)
+        if self.score == "quantile_ratio":
+            return forecast.quantiles[self.quantile] / latency_threshold
+        return forecast.ms / latency_threshold
+
+    @property
+    def negatives_needed(self) -> int | None:
+        """Non-breach validation samples a target FPR needs to mean something: enough for
+        ``MIN_ALLOWED_FALSE_ALARMS`` allowed false alarms."""
+        return None if not self.target_fpr else int(np.ceil(MIN_ALLOWED_FALSE_ALARMS / self.target_fpr))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "threshold": self.threshold, "per_service": dict(self.per_service), "target_fpr": self.target_fpr}
+        return {
+            "score": self.score,
+            "threshold": self.threshold,
+            "per_service": dict(self.per_service),
+            "target_fpr": self.target_fpr,
+            "quantile": self.quantile,
+            "validation_negatives": self.validation_negatives,
+            "negatives_needed": self.negatives_needed,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AlertRule":
-        return cls(values["score"], float(values["threshold"]), dict(values.get("per_service", {})), values.get("target_fpr"))
+        return cls(
+            values["score"],
+            float(values["threshold"]),
+            dict(values.get("per_service", {})),
+            values.get("target_fpr"),
+            values.get("quantile"),
+            values.get("validation_negatives"),
+        )
 
     @classmethod
-    def uncalibrated(cls, multitask: bool) -> "AlertRule":
-        return cls("probability", 0.5) if multitask else cls()
+    def uncalibrated(cls, model_config: ModelConfig, alert_config: AlertConfig | None = None) -> "AlertRule":
+        """The rule before calibration: the breach probability of a multitask model at 0.5, else
+        the forecast (or the ``--alert-on`` quantile) reaching the latency threshold."""
+        if model_config.multitask:
+            return cls("probability", 0.5)
+        if alert_config is None or alert_config.alert_on == "forecast":
+            return cls()
+        name = quantile_name(float(alert_config.alert_on))
+        if name not in model_config.quantile_names:
+            raise UserError(
+                f"--alert-on {alert_config.alert_on} is not one of the model's --quantiles ({model_config.quantiles}); "
+                "add it there or alert on forecast"
+            )
+        return cls("quantile_ratio", 1.0, quantile=name)
 
 
 def calibrate(
@@ -111,15 +154,23 @@ def calibrate(
 ) -> AlertRule:
     """The alert rule for validation samples' scores (issue: alert fatigue).
 
-    The most sensitive threshold whose validation false positive rate is at most
-    ``target_fpr``; per service when asked and the service has enough negatives
-    (``services[code]`` names ``service_codes``). With ``target_fpr`` 0 the uncalibrated rule is kept.
+    The most sensitive threshold whose false positive rate on new samples is at most
+    ``target_fpr`` (a conformal quantile of the validation negatives' scores, see
+    :func:`metrics.calibrate_threshold`); per service when asked and the service has enough
+    negatives (``services[code]`` names ``service_codes``). With ``target_fpr`` 0 the
+    uncalibrated rule is kept.
     """
     target = alert_config.target_fpr
     if target <= 0:
         return uncalibrated
     threshold = metrics.calibrate_threshold(score, breach, target)
-    rule = AlertRule(uncalibrated.score, uncalibrated.threshold if threshold is None else threshold, {}, target)
+    rule = dataclasses.replace(
+        uncalibrated,
+        threshold=uncalibrated.threshold if threshold is None else threshold,
+        per_service={},
+        target_fpr=target,
+        validation_negatives=int(np.sum(~breach)),
+    )
     if alert_config.calibrate_per_service:
         for code in np.unique(service_codes):
             mine = service_codes == code

@@ -10,13 +10,13 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from latency_forecast import data, evaluation, forecaster
 from latency_forecast.alerting import LatencyThresholds
-from latency_forecast.config import MINUTES_PER_DAY, AlertConfig, BacktestConfig, DataConfig, ModelConfig, TrainingConfig
+from latency_forecast.config import MINUTES_PER_DAY, AlertConfig, BacktestConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
 from latency_forecast.data import SeriesTable, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.metrics import METRIC_KEYS
@@ -138,13 +138,14 @@ class FoldTask:
     training_config: TrainingConfig
     alert_config: AlertConfig
     latency_thresholds: LatencyThresholds
+    baseline_config: BaselineConfig
 
 
 @dataclass
 class FoldResult:
     fold: Fold
     metrics: dict
-    baseline: dict  # persistence, on exactly the same samples
+    baseline: dict[str, dict]  # each baseline's metrics, on exactly the same samples
     operating_point: dict  # alert rule calibrated on the fold's early-stopping slice, with its FPRs
     alerting: dict  # ROC/PR-AUC and episodes on the validation window, model and persistence
     samples: dict[str, int]
@@ -179,15 +180,24 @@ def _silent(message: str) -> None:
     pass
 
 
-def train_fold(task: FoldTask) -> tuple[forecaster.Forecaster, list[dict], dict[str, int], dict]:
+@dataclass
+class TrainedFold:
+    """A fold's forecaster and learned baselines, with what was decided on its past only."""
+
+    forecaster: forecaster.Forecaster
+    baselines: dict[str, Any]
+    history: list[dict]
+    samples: dict[str, int]
+    operating_point: dict  # the calibrated alert rule and its early-stopping FPR
+    compared: dict[str, tuple[str, float]]  # the baselines' alerts, thresholds chosen on early stopping
+
+
+def train_fold(task: FoldTask) -> TrainedFold:
     """A fresh scaler, target normaliser and seeded model, trained on the fold's training rows,
-    and its alert threshold calibrated on the fold's early-stopping slice.
+    its baselines fitted there, and every alert threshold calibrated on the fold's early-stopping slice.
 
     Only the rows of ``fold.train`` are handed on: nothing at or after ``fold.train.end``
-    (not a value, not a service name) can reach the fitted state or the alert threshold.
-
-    Returns the forecaster, its per-epoch history, the sample counts of fit and early stopping,
-    and the operating point (the calibration and its early-stopping FPR).
+    (not a value, not a service name) can reach the fitted state or the alert thresholds.
     """
     fold, data_config = task.fold, task.data_config
     train_table = data.table_in(task.table, fold.train)
@@ -195,30 +205,36 @@ def train_fold(task: FoldTask) -> tuple[forecaster.Forecaster, list[dict], dict[
         train_table, fold.fit, fold.early_stopping, data_config, task.model_config, task.training_config,
         progress=False, log=_silent, latency_thresholds=task.latency_thresholds,
     )
+    fit_ends = prepared.samples(fold.fit, f"fold {fold.number} training")
     stop_ends = prepared.samples(fold.early_stopping, f"fold {fold.number} early-stopping")
-    calibrated, trained.alert = evaluation.calibrated_evaluation(trained, prepared, stop_ends, task.alert_config)
-    samples = {"fit": len(prepared.samples(fold.fit, f"fold {fold.number} training")), "early_stopping": len(stop_ends)}
-    operating_point = {**trained.alert.as_dict(), "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]}
-    return trained, history, samples, operating_point
+    baselines = evaluation.fit_baselines(trained, prepared, fit_ends, task.baseline_config)
+    calibrated, trained.alert = evaluation.calibrated_evaluation(trained, prepared, stop_ends, task.alert_config, baselines)
+    return TrainedFold(
+        trained,
+        baselines,
+        history,
+        {"fit": len(fit_ends), "early_stopping": len(stop_ends)},
+        {**trained.alert.as_dict(), "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]},
+        evaluation.comparisons(calibrated, trained.alert, task.alert_config, data_config.horizon),
+    )
 
 
 def run_fold(task: FoldTask) -> FoldResult:
-    """Train the fold's forecaster, then judge it and persistence on its validation window."""
+    """Train the fold's forecaster and baselines, then judge them on its validation window."""
     started = time.perf_counter()
     fold, data_config = task.fold, task.data_config
-    trained, history, samples, operating_point = train_fold(task)
-    prepared = trained.prepare(data.table_in(task.table, fold.validation), inplace=True)
+    trained = train_fold(task)
+    prepared = trained.forecaster.prepare(data.table_in(task.table, fold.validation), inplace=True)
     ends = prepared.samples(fold.validation, f"fold {fold.number} validation")
-    judged = evaluation.evaluate(trained, prepared, ends)
-    operating_point["validation_false_positive_rate"] = judged.model_metrics["false_positive_rate"]
+    judged = evaluation.evaluate(trained.forecaster, prepared, ends, trained.baselines)
     return FoldResult(
         fold,
         judged.model_metrics,
-        judged.persistence_metrics,
-        operating_point,
-        evaluation.alerting_report(judged, data_config.horizon, {"persistence": 1.0}),
-        {**samples, "validation": int(len(ends))},
-        history,
+        judged.baseline_metrics,
+        {**trained.operating_point, "validation_false_positive_rate": judged.model_metrics["false_positive_rate"]},
+        evaluation.alerting_report(judged, data_config.horizon, trained.compared),
+        {**trained.samples, "validation": int(len(ends))},
+        trained.history,
         prepared.unknown_services,
         time.perf_counter() - started,
     )
@@ -246,6 +262,7 @@ def run_backtest(
     on_result: Callable[[FoldResult], None] = lambda result: None,
     alert_config: AlertConfig | None = None,
     latency_thresholds: LatencyThresholds | None = None,
+    baseline_config: BaselineConfig | None = None,
 ) -> list[FoldResult]:
     """Run every fold; ``jobs`` > 1 runs them in that many worker processes.
 
@@ -261,6 +278,7 @@ def run_backtest(
         dataclasses.replace(training_config, num_threads=threads),
         alert_config or AlertConfig(),
         latency_thresholds or LatencyThresholds(data_config.latency_threshold),
+        baseline_config or BaselineConfig(),
     )
     tasks = _tasks(table, folds, template)
     results = []
@@ -313,10 +331,10 @@ def summarize(blocks: Sequence[dict]) -> dict[str, dict[str, float | None]]:
 
 def report(results: Sequence[FoldResult], run_config: dict) -> dict:
     """backtest.json: ``{"config", "folds", "summary"}`` (contract section 4), plus the
-    persistence baseline's summary beside the model's."""
+    baselines' summaries beside the model's."""
     return {
         "config": run_config,
         "folds": [result.as_dict() for result in results],
         "summary": summarize([result.metrics for result in results]),
-        "baseline_summary": summarize([result.baseline for result in results]),
+        "baseline_summary": {name: summarize([result.baseline[name] for result in results]) for name in results[0].baseline},
     }

@@ -123,8 +123,31 @@ class ModelConfig:
     multitask: bool = _setting(
         False, "add a head for the breach probability, trained jointly; alerts then fire on that probability"
     )
+    quantiles: str = _setting(
+        "0.5,0.9",
+        "also forecast these quantiles of the p99 at t+H (pinball loss), comma-separated levels in (0, 1), "
+        "so every forecast carries an interval and alerts can fire on an upper bound (--alert-on); none: no quantiles",
+    )
+
+    @property
+    def quantile_levels(self) -> tuple[float, ...]:
+        """The --quantiles levels, ascending; () for none."""
+        if self.quantiles.strip().lower() in ("", "none"):
+            return ()
+        try:
+            levels = tuple(sorted({float(level) for level in self.quantiles.split(",") if level.strip()}))
+        except ValueError:
+            levels = (-1.0,)
+        _require(bool(levels) and all(0 < level < 1 for level in levels), f"--quantiles must be levels in (0, 1) such as 0.5,0.9, or none; got {self.quantiles!r}")
+        return levels
+
+    @property
+    def quantile_names(self) -> list[str]:
+        """The levels as the JSON keys and --alert-on values name them: "0.5", "0.9"."""
+        return [quantile_name(level) for level in self.quantile_levels]
 
     def __post_init__(self) -> None:
+        _ = self.quantile_levels  # validates --quantiles
         _require(self.hidden_size >= 1, "--hidden-size must be at least 1")
         _require(self.num_layers >= 1, "--num-layers must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
@@ -154,6 +177,9 @@ class TrainingConfig:
         choices=("huber", "mse"),
     )
     huber_delta: float = _setting(1.0, "Huber transition point, in per-service standard deviations")
+    quantile_loss_weight: float = _setting(
+        1.0, "weight of the quantiles' pinball loss beside the point forecast's loss (unweighted by --spike-weight, so coverage stays honest)"
+    )
     spike_weight: float = _setting(
         3.0,
         "extra loss weight for spike targets (over 3 robust standard deviations above the "
@@ -174,6 +200,7 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
         _require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")
         _require(self.huber_delta > 0, "--huber-delta must be positive")
+        _require(self.quantile_loss_weight >= 0, "--quantile-loss-weight must be 0 or more")
         _require(self.lr_patience >= 0, "--lr-patience must be 0 or more")
         _require(self.gradient_clip >= 0, "--gradient-clip must be 0 (off) or more")
         _require(self.spike_weight >= 0, "--spike-weight must be 0 or more")
@@ -194,9 +221,49 @@ class AlertConfig:
     calibrate_per_service: bool = _setting(
         False, "calibrate one alert threshold per service (services with too few validation negatives use the global one)"
     )
+    alert_on: str = _setting(
+        "forecast",
+        "what the alert thresholds: forecast (the point forecast over the latency threshold) or one of --quantiles, "
+        "e.g. 0.9 (the upper bound over the latency threshold); calibrated to --target-fpr either way",
+    )
 
     def __post_init__(self) -> None:
         _require(0 <= self.target_fpr < 1, f"--target-fpr must be in [0, 1), got {self.target_fpr}")
+        if self.alert_on != "forecast":
+            try:
+                level = float(self.alert_on)
+            except ValueError:
+                level = -1.0
+            _require(0 < level < 1, f"--alert-on must be forecast or a quantile level such as 0.9, got {self.alert_on!r}")
+
+
+BASELINES = ("persistence", "gradient_boosting")
+
+
+@dataclass
+class BaselineConfig:
+    """What the model is compared with, on exactly the same samples."""
+
+    baselines: str = _setting(
+        ",".join(BASELINES),
+        "comma-separated baselines: persistence (the latency at t; always reported) and gradient_boosting "
+        "(scikit-learn's HistGradientBoostingRegressor on the flattened window plus the service, fitted on training windows only)",
+    )
+    gradient_boosting_max_samples: int = _setting(
+        200_000, "training windows the gradient-boosting baseline is fitted on at most (a seeded subsample)"
+    )
+
+    @property
+    def baseline_names(self) -> list[str]:
+        """The baselines to report, persistence first and always."""
+        names = [name.strip() for name in self.baselines.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(BASELINES))
+        _require(not unknown, f"--baselines names unknown baselines {', '.join(unknown)}; choose among {', '.join(BASELINES)}")
+        return [name for name in BASELINES if name in names or name == "persistence"]
+
+    def __post_init__(self) -> None:
+        _ = self.baseline_names  # validates --baselines
+        _require(self.gradient_boosting_max_samples >= 100, "--gradient-boosting-max-samples must be at least 100")
 
 
 @dataclass
@@ -378,6 +445,10 @@ class SyntheticConfig:
         _require(self.days >= 1, f"--days must be at least 1, got {self.days}")
         _require(self.services >= 1, f"--services must be at least 1, got {self.services}")
         _require(self.faults_per_day >= 0, f"--faults-per-day must be 0 or more, got {self.faults_per_day}")
+
+
+def quantile_name(level: float) -> str:
+    return f"{level:g}"
 
 
 def _require(condition: bool, message: str) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 
 from latency_forecast import alerting, metrics
 from latency_forecast.alerting import AlertRule
-from latency_forecast.config import AlertConfig
+from latency_forecast.baselines import GradientBoostingBaseline
+from latency_forecast.config import AlertConfig, BaselineConfig
 from latency_forecast.forecaster import Forecaster, PreparedSeries
 
 
@@ -30,6 +31,7 @@ class Evaluation:
     target_minutes: np.ndarray  # (n,) minute t+H that each sample forecasts
     actual: np.ndarray  # latency at t+H, ms
     forecast: np.ndarray  # model, ms
+    quantiles: dict[str, np.ndarray]  # model quantile level ("0.9") -> ms; empty without quantiles
     latency_threshold: np.ndarray  # breach threshold of each sample's service, ms
     score: np.ndarray  # model alert score (forecast ratio or breach probability)
     alert_threshold: np.ndarray  # the model's alert threshold for each sample
@@ -58,6 +60,17 @@ class Evaluation:
     def persistence_score(self) -> np.ndarray:
         return self.persistence / self.latency_threshold
 
+    def ratio(self, source: str) -> np.ndarray:
+        """A forecast over the latency threshold, as an alert score: a baseline's name,
+        ``forecast`` (the model's point forecast) or ``quantile_<level>`` (a model quantile)."""
+        if source == "forecast":
+            forecast = self.forecast
+        elif source.startswith("quantile_"):
+            forecast = self.quantiles[source[len("quantile_") :]]
+        else:
+            forecast = self.baselines[source]
+        return forecast / self.latency_threshold
+
     @cached_property
     def model_metrics(self) -> dict:
         return metrics.forecast_metrics(self.actual, self.forecast, self.latency_threshold, self.alert_threshold, self.score)
@@ -76,63 +89,104 @@ class Evaluation:
         return dataclasses.replace(self, alert_threshold=rule.thresholds_for(services)[self.service_codes])
 
 
-def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray) -> Evaluation:
-    """Model and baselines on exactly the same samples, each service at its own threshold,
-    alerts by the forecaster's alert rule."""
+def fit_baselines(
+    forecaster: Forecaster, prepared: PreparedSeries, train_ends: np.ndarray, baseline_config: BaselineConfig
+) -> dict[str, GradientBoostingBaseline]:
+    """The baselines that learn, fitted on the training samples ``train_ends`` only
+    (persistence needs no fitting). They read the same scaled inputs as the model."""
+    fitted = {}
+    if "gradient_boosting" in baseline_config.baseline_names:
+        fitted["gradient_boosting"] = GradientBoostingBaseline.fit(
+            prepared.tensors.inputs.cpu().numpy(),
+            prepared.table.target,
+            prepared.tensors.service_codes.cpu().numpy(),
+            train_ends,
+            forecaster.data_config.sequence_length,
+            forecaster.data_config.horizon,
+            len(forecaster.services),
+            forecaster.training_config.seed,
+            max_samples=baseline_config.gradient_boosting_max_samples,
+        )
+    return fitted
+
+
+def evaluate(
+    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, fitted_baselines: dict[str, Any] | None = None
+) -> Evaluation:
+    """Model and baselines (persistence and ``fitted_baselines``) on exactly the same samples,
+    each service at its own threshold, alerts by the forecaster's alert rule."""
     horizon = forecaster.data_config.horizon
     table = prepared.table
     threshold = prepared.latency_threshold(ends)
-    forecast, probability = forecaster.predict(prepared, ends)
+    forecast = forecaster.predict(prepared, ends)
+    baselines = {"persistence": table.target[ends].astype(np.float64)}
+    if fitted_baselines:
+        inputs, codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
+        baselines.update({name: baseline.predict(inputs, codes, ends) for name, baseline in fitted_baselines.items()})
     return Evaluation(
         ends,
         table.service_codes[ends],
         table.minutes[ends] + horizon,
         table.target[ends + horizon].astype(np.float64),
-        forecast,
+        forecast.ms,
+        forecast.quantiles,
         threshold,
-        forecaster.alert.scores(forecast, probability, threshold),
+        forecaster.alert.scores(forecast, threshold),
         forecaster.alert.thresholds_for(table.services)[table.service_codes[ends]],
-        {"persistence": table.target[ends].astype(np.float64)},
+        baselines,
     )
 
 
 def calibrated_evaluation(
-    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig
+    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig,
+    fitted_baselines: dict[str, Any] | None = None,
 ) -> tuple[Evaluation, AlertRule]:
     """Evaluate on ``ends`` (never test samples), calibrate the alert rule there, and return that
     evaluation under the calibrated rule, with the rule (the forecaster is not changed)."""
-    evaluation = evaluate(forecaster, prepared, ends)
+    uncalibrated = AlertRule.uncalibrated(forecaster.model_config, alert_config)
+    evaluation = evaluate(dataclasses.replace(forecaster, alert=uncalibrated), prepared, ends, fitted_baselines)
     rule = alerting.calibrate(
-        evaluation.score,
-        evaluation.breach,
-        evaluation.service_codes,
-        prepared.table.services,
-        AlertRule.uncalibrated(forecaster.model.multitask),
-        alert_config,
+        evaluation.score, evaluation.breach, evaluation.service_codes, prepared.table.services, uncalibrated, alert_config
     )
     return evaluation.with_alert_rule(rule, prepared.table.services), rule
 
 
-def persistence_thresholds(validation: Evaluation, alert_config: AlertConfig, horizon: int) -> dict[str, float]:
-    """Persistence's alert thresholds (on latency / latency threshold) to compare the model with,
-    all chosen on validation: at the latency threshold, at the model's target FPR, and at the
-    model's paging load (false-alarm episodes per service-day)."""
-    thresholds = {"persistence": 1.0}
-    if alert_config.target_fpr > 0:
-        matched = metrics.calibrate_threshold(validation.persistence_score, validation.breach, alert_config.target_fpr)
-        if matched is not None:
-            thresholds["persistence_at_target_fpr"] = matched
+def comparisons(validation: Evaluation, rule: AlertRule, alert_config: AlertConfig, horizon: int) -> dict[str, tuple[str, float]]:
+    """The alerts the model's is compared with, each a (score source, threshold) chosen on
+    validation: persistence at the latency threshold, at the target FPR and at the model's paging
+    load (false-alarm episodes per service-day); every other baseline at the latency threshold
+    and at the target FPR; the model's other forecasts (point or quantiles) at the target FPR."""
+    chosen = {"persistence": ("persistence", 1.0)}
+
+    def at_target(source: str) -> None:
+        if alert_config.target_fpr > 0:
+            threshold = metrics.calibrate_threshold(validation.ratio(source), validation.breach, alert_config.target_fpr)
+            if threshold is not None:
+                chosen[f"{source}_at_target_fpr" if source in validation.baselines else f"model_{source}_at_target_fpr"] = (source, threshold)
+
+    at_target("persistence")
     model = metrics.episode_metrics(validation.service_codes, validation.target_minutes, validation.breach, validation.alert, horizon)
-    thresholds["persistence_at_model_false_alarms"] = metrics.match_false_alarm_rate(
-        validation.service_codes, validation.target_minutes, validation.breach, validation.persistence_score,
-        model["false_alarm_episodes_per_service_day"] or 0.0,
+    chosen["persistence_at_model_false_alarms"] = (
+        "persistence",
+        metrics.match_false_alarm_rate(
+            validation.service_codes, validation.target_minutes, validation.breach, validation.persistence_score,
+            model["false_alarm_episodes_per_service_day"] or 0.0,
+        ),
     )
-    return thresholds
+    for name in validation.baselines:
+        if name != "persistence":
+            chosen[name] = (name, 1.0)
+            at_target(name)
+    own = "forecast" if rule.score == "forecast_ratio" else f"quantile_{rule.quantile}" if rule.score == "quantile_ratio" else None
+    for source in ["forecast", *(f"quantile_{name}" for name in validation.quantiles)]:
+        if source != own:
+            at_target(source)
+    return chosen
 
 
-def alerting_report(evaluation: Evaluation, horizon: int, persistence_thresholds: dict[str, float]) -> dict[str, dict]:
-    """ROC/PR-AUC and the episode view, for the model (its alert rule) and for persistence at
-    each named threshold on latency / latency threshold (1.0: alert when the latency at t breaches)."""
+def alerting_report(evaluation: Evaluation, horizon: int, compared: dict[str, tuple[str, float]]) -> dict[str, dict]:
+    """ROC/PR-AUC and the episode view, for the model (its alert rule) and for each compared
+    alert: a score source (see :meth:`Evaluation.ratio`) at a threshold."""
     codes, minutes, breach = evaluation.service_codes, evaluation.target_minutes, evaluation.breach
     report = {
         "model": {
@@ -140,17 +194,33 @@ def alerting_report(evaluation: Evaluation, horizon: int, persistence_thresholds
             **metrics.episode_metrics(codes, minutes, breach, evaluation.alert, horizon),
         }
     }
-    persistence_ranking = metrics.ranking_metrics(evaluation.persistence_score, breach)
-    for name, threshold in persistence_thresholds.items():
-        alert = evaluation.persistence_score >= threshold
-        counts = metrics.forecast_metrics(
-            evaluation.actual, evaluation.persistence, evaluation.latency_threshold, threshold, evaluation.persistence_score
-        )
-        report[name] = {
+    rankings: dict[str, dict] = {}
+    for label, (source, threshold) in compared.items():
+        score = evaluation.ratio(source)
+        if source not in rankings:
+            rankings[source] = metrics.ranking_metrics(score, breach)
+        alert = score >= threshold
+        counts = metrics.alert_counts(breach, alert)
+        report[label] = {
+            "source": source,
             "alert_threshold": threshold,
             **{key: counts[key] for key in ("true_positive_rate", "false_positive_rate", "precision")},
-            **persistence_ranking,
+            **rankings[source],
             **metrics.episode_metrics(codes, minutes, breach, alert, horizon),
+        }
+    return report
+
+
+def quantile_report(evaluation: Evaluation) -> dict[str, dict]:
+    """Per quantile level: its empirical coverage (share of actual latencies at or below it,
+    against the nominal level) and its mean pinball loss in ms."""
+    report = {}
+    for name, forecast in evaluation.quantiles.items():
+        level, error = float(name), evaluation.actual - forecast
+        report[name] = {
+            "nominal": level,
+            "coverage": float(np.mean(evaluation.actual <= forecast)) if len(forecast) else None,
+            "pinball_loss_ms": float(np.mean(np.maximum(level * error, (level - 1) * error))) if len(forecast) else None,
         }
     return report
 
@@ -189,7 +259,7 @@ def metrics_report(
     (where the alert rule was calibrated) and ``test`` evaluations under the forecaster's rule."""
     validation, test = evaluations["validation"], evaluations["test"]
     horizon = forecaster.data_config.horizon
-    thresholds = persistence_thresholds(validation, alert_config, horizon)
+    compared = comparisons(validation, forecaster.alert, alert_config, horizon)
     return {
         "validation": validation.model_metrics,
         "test": test.model_metrics,
@@ -197,6 +267,7 @@ def metrics_report(
             name: {split: evaluations[split].baseline_metrics[name] for split in ("validation", "test")}
             for name in validation.baselines
         },
+        "quantiles": {split: quantile_report(evaluations[split]) for split in ("validation", "test")},
         "alerting": {
             "operating_point": {
                 **forecaster.alert.as_dict(),
@@ -204,7 +275,7 @@ def metrics_report(
                 "test_false_positive_rate": test.model_metrics["false_positive_rate"],
                 "alert_threshold_ms": alert_thresholds_ms(forecaster, services),
             },
-            **{split: alerting_report(evaluations[split], horizon, thresholds) for split in ("validation", "test")},
+            **{split: alerting_report(evaluations[split], horizon, compared) for split in ("validation", "test")},
         },
         "per_service": {split: per_service(evaluations[split], services) for split in ("validation", "test")},
     }
@@ -230,6 +301,8 @@ def forecast_panels(evaluation: Evaluation, services: Sequence[str], n_services:
                 "minutes": evaluation.target_minutes[near].astype("datetime64[m]"),
                 "actual": evaluation.actual[near],
                 "forecast": evaluation.forecast[near],
+                "quantiles": {name: values[near] for name, values in evaluation.quantiles.items()},
+                "baselines": {name: values[near] for name, values in evaluation.baselines.items()},
                 "persistence": evaluation.persistence[near],
                 "latency_threshold": float(evaluation.latency_threshold[near][0]),
                 "alert": evaluation.alert[near],
@@ -239,14 +312,12 @@ def forecast_panels(evaluation: Evaluation, services: Sequence[str], n_services:
 
 
 def tradeoff_curves(test: Evaluation, alerting_view: dict) -> tuple[dict, dict]:
-    """For ``plots.alert_tradeoff``: ROC curves of the model's and persistence's alert scores,
-    and the operating points of the model and of persistence at each compared threshold."""
-    curves = {
-        "model": metrics.roc_points(test.score, test.breach),
-        "persistence": metrics.roc_points(test.persistence_score, test.breach),
-    }
+    """For ``plots.alert_tradeoff``: ROC curves of the model's and each baseline's alert score,
+    and the operating points of the model and of each compared alert."""
+    curves = {"model": metrics.roc_points(test.score, test.breach)}
+    curves.update({name: metrics.roc_points(test.ratio(name), test.breach) for name in test.baselines})
     points = {"model (chosen)": (test.model_metrics["false_positive_rate"], test.model_metrics["true_positive_rate"])}
-    for name in ("persistence", "persistence_at_target_fpr", "persistence_at_model_false_alarms"):
-        if name in alerting_view:
-            points[name.replace("_", " ")] = (alerting_view[name]["false_positive_rate"], alerting_view[name]["true_positive_rate"])
+    for label, view in alerting_view.items():
+        if label != "model" and view.get("source") in test.baselines:
+            points[label.replace("_", " ")] = (view["false_positive_rate"], view["true_positive_rate"])
     return curves, points

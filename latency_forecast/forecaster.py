@@ -20,9 +20,9 @@ from latency_forecast.errors import UserError
 from latency_forecast.explain import Background
 from latency_forecast.model import LatencyForecaster
 
-# 2: a model that reads the latency's history forecasts the change from the latency at t
-# (model.anchor) and is explained through a cause model; version 1 did neither
-FORMAT_VERSION = 2
+# 3: quantile outputs (model.quantiles) and the scaler's fingerprint; 2: a model that reads the
+# latency's history forecasts the change from the latency at t and is explained through a cause model
+FORMAT_VERSION = 3
 CHECKPOINT_KEYS = (
     "format_version",
     "config",
@@ -44,6 +44,15 @@ CAUSE_MODEL_PURPOSE = (
     "explains the forecasts (feature_importance.json, analyze_causality.py): the forecaster's network "
     "forecasting the level from the telemetry features alone; never used for alerts or metrics"
 )
+
+
+@dataclass
+class Forecast:
+    """The forecaster's outputs in milliseconds for a set of samples (p99 at t+H)."""
+
+    ms: np.ndarray  # (n,) point forecast
+    quantiles: dict[str, np.ndarray]  # quantile level ("0.9") -> (n,) ms; empty without quantiles
+    probability: np.ndarray | None  # (n,) breach probability of a multitask model
 
 
 @dataclass
@@ -152,12 +161,15 @@ class Forecaster:
         unknown = [name for name, code in zip(table.services, code_map) if code < 0]
         return PreparedSeries(table, tensors, ends, counts, unknown, service_thresholds)
 
-    def predict(self, prepared: PreparedSeries, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n_samples,) forecast p99 in ms at t+H for the samples ending at ``ends``, and the
-        breach probability of a multitask model (else None)."""
-        normalized, probability = training.predict(self.model, prepared.tensors, ends)
+    def predict(self, prepared: PreparedSeries, ends: np.ndarray) -> Forecast:
+        """Forecasts (ms) at t+H for the samples ending at ``ends``."""
+        predictions = training.predict(self.model, prepared.tensors, ends)
         codes = prepared.tensors.service_codes[torch.as_tensor(ends, device=self.device)].cpu().numpy()
-        return self.target_normalizer.denormalize(normalized, codes), probability
+        quantiles = {}
+        if predictions.quantiles is not None:
+            for name, column in zip(self.model_config.quantile_names, predictions.quantiles.T):
+                quantiles[name] = self.target_normalizer.denormalize(column, codes)
+        return Forecast(self.target_normalizer.denormalize(predictions.forecast, codes), quantiles, predictions.probability)
 
     def checkpoint(self) -> dict:
         """Plain dict for ``latency_forecaster.pt`` (contract section 4), loadable with ``weights_only=True``."""
@@ -281,7 +293,7 @@ def build_cause_model(
 ) -> LatencyForecaster:
     """The cause model's network: the forecaster's settings, level forecast, telemetry columns only."""
     columns = cause_columns(feature_columns)
-    settings = dataclasses.replace(model_config, anchor="none", multitask=False)
+    settings = dataclasses.replace(model_config, anchor="none", multitask=False, quantiles="none")
     return LatencyForecaster(
         len(columns), n_services, settings, normalizer.location, normalizer.scale, normalizer.pooled, input_columns=columns
     )
@@ -314,7 +326,7 @@ def untrained_forecaster(
         training_config,
         device,
         latency_thresholds or LatencyThresholds(data_config.latency_threshold),
-        AlertRule.uncalibrated(model_config.multitask),
+        AlertRule.uncalibrated(model_config),
     )
 
 

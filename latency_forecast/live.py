@@ -89,14 +89,15 @@ def forecast_report(
     ends = np.array([latest.row[code_of[service]] for service in ok], dtype=np.int64)
     method = None
     if len(ends):
-        forecast, probability = forecaster.predict(prepared, ends)
+        forecast = forecaster.predict(prepared, ends)
         latency_threshold = prepared.latency_threshold(ends)
-        score = forecaster.alert.scores(forecast, probability, latency_threshold)
+        score = forecaster.alert.scores(forecast, latency_threshold)
         threshold = forecaster.alert.thresholds_for(ok)
         alert = score >= threshold
         for i, service in enumerate(ok):
             entries[service].update(
-                forecast_ms=float(forecast[i]),
+                forecast_ms=float(forecast.ms[i]),
+                quantiles={name: float(values[i]) for name, values in forecast.quantiles.items()},
                 latency_threshold_ms=float(latency_threshold[i]),
                 score=float(score[i]),
                 threshold=float(threshold[i]),

@@ -45,17 +45,23 @@ def forecast_metrics(
     forecast = np.asarray(forecast, dtype=np.float64)
     score = forecast if alert_score is None else np.asarray(alert_score, dtype=np.float64)
     alert_at = latency_threshold if alert_threshold is None else alert_threshold
-    breach = actual >= latency_threshold
-    alert = score >= alert_at
-    tp = int(np.sum(breach & alert))
-    fp = int(np.sum(~breach & alert))
-    tn = int(np.sum(~breach & ~alert))
-    fn = int(np.sum(breach & ~alert))
     n = len(actual)
     error = forecast - actual
     return {
         "rmse": float(np.sqrt(np.mean(error**2))) if n else None,
         "mae": float(np.mean(np.abs(error))) if n else None,
+        **alert_counts(actual >= latency_threshold, score >= alert_at),
+    }
+
+
+def alert_counts(breach: np.ndarray, alert: np.ndarray) -> dict[str, float | int | None]:
+    """The confusion counts and rates of alerts against breaches (the contract's alerting keys)."""
+    tp = int(np.sum(breach & alert))
+    fp = int(np.sum(~breach & alert))
+    tn = int(np.sum(~breach & ~alert))
+    fn = int(np.sum(breach & ~alert))
+    n = len(breach)
+    return {
         "breach_accuracy": rate(tp + tn, n),
         "true_positive_rate": rate(tp, tp + fn),
         "false_positive_rate": rate(fp, fp + tn),
@@ -74,19 +80,24 @@ def forecast_metrics(
 
 
 def calibrate_threshold(score: np.ndarray, breach: np.ndarray, target_fpr: float) -> float | None:
-    """The most sensitive alert threshold whose false positive rate is at most ``target_fpr``.
+    """The most sensitive alert threshold whose false positive rate on new samples is at most
+    ``target_fpr``; None when there are no negatives.
 
-    Alerts fire when ``score >= threshold``. With ``k = floor(target_fpr * negatives)``
-    false alarms allowed, the threshold sits just above the (k+1)-th highest negative score,
-    so ties never push the rate over the target. None when there are no negatives.
+    Split-conformal, so that a short validation period does not overfit a handful of minutes:
+    for ``n`` negative scores, a new negative (exchangeable with them) scores above the k-th
+    smallest, ``k = ceil((n + 1) * (1 - target_fpr))``, with probability at most ``target_fpr``.
+    Alerts fire at ``score >= threshold``, so the threshold sits just above that score, and ties
+    never push the rate over the target. With fewer than ``1 / target_fpr - 1`` negatives no
+    score guarantees it and the threshold is above all of them (alerts only beyond anything seen).
     """
-    negatives = np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])[::-1]
-    if len(negatives) == 0:
+    negatives = np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])
+    n = len(negatives)
+    if n == 0:
         return None
-    allowed = int(np.floor(target_fpr * len(negatives) + 1e-9))
-    if allowed >= len(negatives):
-        return float(negatives[-1])
-    return float(np.nextafter(negatives[allowed], np.inf))
+    rank = int(np.ceil((n + 1) * (1 - target_fpr) - 1e-9))
+    if rank < 1:
+        return float(negatives[0])
+    return float(np.nextafter(negatives[min(rank, n) - 1], np.inf))
 
 
 def ranking_metrics(score: np.ndarray, breach: np.ndarray) -> dict[str, float | None]:

@@ -3,12 +3,21 @@ and a two-part head (service-relative plus absolute latency)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from latency_forecast.config import ModelConfig
+
+
+class Outputs(NamedTuple):
+    """What the network says about each window, in the target's standardised log space."""
+
+    forecast: torch.Tensor  # (batch,)
+    quantiles: torch.Tensor | None  # (batch, n_quantiles), ascending levels, non-decreasing
+    breach_logit: torch.Tensor | None  # (batch,), multitask models only
 
 
 class LatencyForecaster(nn.Module):
@@ -29,6 +38,9 @@ class LatencyForecaster(nn.Module):
     from the service's latency at t (``current``, standardised like the target): the network
     forecasts the change, so a plateau is forecast as itself and a fault the model never saw on
     this service is not extrapolated from a normal level to another service's peak.
+
+    Quantile outputs (``config.quantile_levels``) sit on the point forecast: the lowest is the
+    forecast plus a learned offset, each next one adds a softplus, so they never cross.
     """
 
     def __init__(
@@ -59,9 +71,11 @@ class LatencyForecaster(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(head_inputs, config.hidden_size),
             nn.ReLU(),
-            nn.Linear(config.hidden_size, 3 if config.multitask else 2),
+            nn.Linear(config.hidden_size, 2 + len(config.quantile_levels) + int(config.multitask)),
         )
         self.multitask = config.multitask
+        self.n_quantiles = len(config.quantile_levels)
+        self.register_buffer("quantile_levels", torch.tensor(config.quantile_levels, dtype=torch.float32))
         self.anchored = anchored
         with torch.no_grad():  # the absolute part starts small: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
@@ -78,17 +92,11 @@ class LatencyForecaster(nn.Module):
             self.register_buffer("input_columns", torch.as_tensor(list(input_columns), dtype=torch.int64))
 
     def forward(
-        self,
-        windows: torch.Tensor,
-        service_codes: torch.Tensor,
-        current: torch.Tensor | None = None,
-        with_breach: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, windows: torch.Tensor, service_codes: torch.Tensor, current: torch.Tensor | None = None, full: bool = False
+    ) -> torch.Tensor | Outputs:
         """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) and, for an
-        anchored model, ``current`` (batch,) the standardised latency at t -> (batch,).
-
-        With ``with_breach`` (multitask models) also the breach logit, (batch,).
-        """
+        anchored model, ``current`` (batch,) the standardised latency at t -> the point forecast
+        (batch,), what explanations explain; with ``full`` every output (:class:`Outputs`)."""
         if self.anchored and current is None:
             raise ValueError("this model forecasts the change from the latency at t: pass current")
         if self.input_columns is not None:
@@ -103,6 +111,11 @@ class LatencyForecaster(nn.Module):
         relative = location + scale * change
         absolute = self.pooled[0] + self.pooled[1] * heads[:, 1]
         forecast = (torch.logaddexp(relative, absolute) - location) / scale
-        if with_breach:
-            return forecast, heads[:, 2]
-        return forecast
+        quantiles = None
+        if full and self.n_quantiles:
+            raw = heads[:, 2 : 2 + self.n_quantiles]
+            steps = torch.cat([raw[:, :1], F.softplus(raw[:, 1:])], dim=1)
+            quantiles = forecast[:, None] + torch.cumsum(steps, dim=1)
+        if not full:
+            return forecast
+        return Outputs(forecast, quantiles, heads[:, -1] if self.multitask else None)

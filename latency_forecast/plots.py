@@ -43,6 +43,13 @@ def forecast_vs_actual(panels: Sequence[dict], horizon: int) -> Figure:
         axes.plot(times, panel["actual"], color="black", linewidth=1.0, label="actual p99")
         axes.plot(times, panel["forecast"], color="tab:blue", linewidth=1.2, label=f"forecast (made {horizon} min earlier)")
         axes.plot(times, panel["persistence"], color="tab:orange", linewidth=0.8, alpha=0.7, linestyle="--", label="persistence baseline")
+        for (name, values), color in zip(panel.get("baselines", {}).items(), BASELINE_COLOURS[1:]):
+            if name != "persistence":
+                axes.plot(times, values, color=color, linewidth=0.8, alpha=0.8, linestyle="-.", label=f"{name.replace('_', ' ')} baseline")
+        quantiles = panel.get("quantiles", {})
+        if len(quantiles) >= 2:
+            low, high = min(quantiles, key=float), max(quantiles, key=float)
+            axes.fill_between(times, quantiles[low], quantiles[high], color="tab:blue", alpha=0.15, linewidth=0, label=f"forecast {low}-{high} quantiles")
         threshold = panel["latency_threshold"]
         axes.axhline(threshold, color="tab:red", linestyle=":", label=f"threshold {threshold:g} ms")
         breach = np.nan_to_num(panel["actual"]) >= threshold
@@ -69,6 +76,8 @@ def _break_at_gaps(panel: dict) -> dict:
     result = dict(panel, minutes=np.insert(minutes, gaps, minutes[gaps - 1] + np.timedelta64(1, "m")))
     for key in ("actual", "forecast", "persistence"):
         result[key] = np.insert(np.asarray(panel[key], dtype=np.float64), gaps, np.nan)
+    for key in ("baselines", "quantiles"):
+        result[key] = {name: np.insert(np.asarray(values, dtype=np.float64), gaps, np.nan) for name, values in panel.get(key, {}).items()}
     result["alert"] = np.insert(np.asarray(panel["alert"], dtype=bool), gaps, False)
     return result
 
@@ -100,27 +109,32 @@ def alert_tradeoff(curves: dict[str, tuple], points: dict[str, tuple], target_fp
     return figure
 
 
+# the model first, then persistence and gradient boosting, in every figure
+BASELINE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+
+
 def backtest_folds(folds: Sequence[dict]) -> Figure:
-    """Per fold (backtest.json entries): MAE, breach TPR and FPR of the model and of persistence."""
+    """Per fold (backtest.json entries): MAE, breach TPR and FPR of the model and of each baseline."""
     figure = Figure(figsize=(max(7, 1.4 * len(folds) + 3), 8))
     mae_axes, tpr_axes, fpr_axes = figure.subplots(3, 1, sharex=True)
     x = np.arange(len(folds))
     labels = [f"fold {fold['fold']}\n{fold['val_start'][:10]}\n{fold['val_end'][:10]}" for fold in folds]
 
-    def values(source: str, key: str) -> np.ndarray:
-        return np.array([np.nan if fold[source][key] is None else fold[source][key] for fold in folds], dtype=float)
+    def values(blocks: list[dict], key: str) -> np.ndarray:
+        return np.array([np.nan if block[key] is None else block[key] for block in blocks], dtype=float)
 
-    width = 0.38
-    sources = (("metrics", "tab:blue", "model"), ("baseline", "tab:orange", "persistence"))
-    for offset, (source, color, name) in zip((-width / 2, width / 2), sources):
-        mae_axes.bar(x + offset, values(source, "mae"), width, color=color, label=name)
-        tpr_axes.plot(x, values(source, "true_positive_rate"), marker="o", color=color, label=name)
-        fpr_axes.plot(x, values(source, "false_positive_rate"), marker="s", color=color, label=name)
+    series = [("model", [fold["metrics"] for fold in folds])]
+    series += [(name, [fold["baseline"][name] for fold in folds]) for name in folds[0]["baseline"]]
+    width = 0.8 / len(series)
+    for i, ((name, blocks), color) in enumerate(zip(series, BASELINE_COLOURS)):
+        mae_axes.bar(x + (i - (len(series) - 1) / 2) * width, values(blocks, "mae"), width, color=color, label=name)
+        tpr_axes.plot(x, values(blocks, "true_positive_rate"), marker="o", color=color, label=name)
+        fpr_axes.plot(x, values(blocks, "false_positive_rate"), marker="s", color=color, label=name)
     mae_axes.set_ylabel("MAE (ms)")
     mae_axes.set_title("Walk-forward backtest: each fold judged on the window after its training")
-    highest = np.nanmax(np.concatenate([values("metrics", "mae"), values("baseline", "mae"), [1.0]]))
+    highest = np.nanmax(np.concatenate([values(blocks, "mae") for _, blocks in series] + [[1.0]]))
     mae_axes.set_ylim(0, 1.3 * highest)  # room for the legend above the bars
-    mae_axes.legend(loc="upper center", ncol=2)
+    mae_axes.legend(loc="upper center", ncol=len(series))
     tpr_axes.set_ylabel("breach TPR")
     tpr_axes.set_ylim(-0.02, 1.02)
     fpr_axes.set_ylabel("false positive rate")
@@ -131,6 +145,8 @@ def backtest_folds(folds: Sequence[dict]) -> Figure:
     for axes in (mae_axes, tpr_axes, fpr_axes):
         axes.grid(alpha=0.3, axis="y")
     return figure
+
+
 def feature_importance(report: dict) -> Figure:
     """Share of the mean absolute Shapley value per feature: all windows and predicted breaches."""
     features = sorted(report["normalized"], key=lambda name: report["normalized"][name])

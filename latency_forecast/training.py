@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from latency_forecast.config import TrainingConfig
 from latency_forecast.errors import UserError
+from latency_forecast.model import Outputs
 
 PREDICT_BATCH_SIZE = 8192
 
@@ -115,52 +116,70 @@ def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tens
     return loss
 
 
+@dataclass
+class Predictions:
+    """Model outputs for a set of samples, in the target's standardised log space (float32)."""
+
+    forecast: np.ndarray  # (n,)
+    quantiles: np.ndarray | None  # (n, n_quantiles) for a model with quantiles
+    probability: np.ndarray | None  # (n,) breach probability of a multitask model
+
+
 @torch.no_grad()
-def predict(
-    model: nn.Module, series: SeriesTensors, ends: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Model outputs for the samples ending at ``ends``: the standardised log latency (float32)
-    and, for a multitask model, the breach probability (else None)."""
+def predict(model: nn.Module, series: SeriesTensors, ends: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE) -> Predictions:
+    """Every output of the model for the samples ending at ``ends``."""
     model.eval()
     device = series.inputs.device
     ends_tensor = torch.as_tensor(ends, dtype=torch.int64, device=device)
-    multitask = model.multitask
-    forecasts, probabilities = [], []
+    parts: list[Outputs] = []
     for i in range(0, len(ends), batch_size):
         batch = ends_tensor[i : i + batch_size]
         windows, services = series.windows(batch)
-        if multitask:
-            forecast, logit = model(windows, services, series.current(batch), with_breach=True)
-            probabilities.append(torch.sigmoid(logit))
-        else:
-            forecast = model(windows, services, series.current(batch))
-        forecasts.append(forecast)
-    if not forecasts:
-        return np.zeros(0, dtype=np.float32), (np.zeros(0, dtype=np.float32) if multitask else None)
-    probability = torch.cat(probabilities).float().cpu().numpy() if multitask else None
-    return torch.cat(forecasts).float().cpu().numpy(), probability
+        parts.append(model(windows, services, series.current(batch), full=True))
+    n_quantiles, multitask = model.n_quantiles, model.multitask
+
+    def joined(tensors: list[torch.Tensor], shape: tuple[int, ...]) -> np.ndarray:
+        return torch.cat(tensors).float().cpu().numpy() if tensors else np.zeros(shape, dtype=np.float32)
+
+    return Predictions(
+        joined([part.forecast for part in parts], (0,)),
+        joined([part.quantiles for part in parts], (0, n_quantiles)) if n_quantiles else None,
+        torch.sigmoid(torch.from_numpy(joined([part.breach_logit for part in parts], (0,)))).numpy() if multitask else None,
+    )
+
+
+def pinball_loss(quantiles: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Mean pinball (quantile) loss of (batch, n_quantiles) forecasts at ``levels`` (n_quantiles,)."""
+    error = target[:, None] - quantiles
+    return torch.maximum(levels * error, (levels - 1) * error).mean()
 
 
 def _batch_loss(
-    model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, multitask: bool
+    model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, levels: torch.Tensor | None
 ) -> torch.Tensor:
-    """Regression loss, plus the weighted breach BCE for a multitask model."""
+    """Regression loss, plus the quantiles' pinball loss and a multitask model's weighted breach BCE."""
     windows, services, target = series.batch(ends)
-    if not multitask:
-        return loss(model(windows, services, series.current(ends)), target)
-    forecast, logit = model(windows, services, series.current(ends), with_breach=True)
-    pos_weight = torch.tensor(config.breach_pos_weight, device=logit.device)
-    breach_loss = F.binary_cross_entropy_with_logits(logit, series.breach_labels(ends), pos_weight=pos_weight)
-    return loss(forecast, target) + config.breach_loss_weight * breach_loss
+    outputs = model(windows, services, series.current(ends), full=True)
+    total = loss(outputs.forecast, target)
+    if outputs.quantiles is not None:
+        # unweighted: weighting spikes up would push every quantile up and break its coverage
+        total = total + config.quantile_loss_weight * pinball_loss(outputs.quantiles, target, levels)
+    if outputs.breach_logit is not None:
+        pos_weight = torch.tensor(config.breach_pos_weight, device=target.device)
+        breach_loss = F.binary_cross_entropy_with_logits(outputs.breach_logit, series.breach_labels(ends), pos_weight=pos_weight)
+        total = total + config.breach_loss_weight * breach_loss
+    return total
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig) -> float:
+def _mean_loss(
+    model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, levels: torch.Tensor | None
+) -> float:
     model.eval()
     total = torch.zeros((), device=series.inputs.device)
     for i in range(0, len(ends), PREDICT_BATCH_SIZE):
         batch = ends[i : i + PREDICT_BATCH_SIZE]
-        total += _batch_loss(model, series, batch, loss, config, model.multitask) * len(batch)
+        total += _batch_loss(model, series, batch, loss, config, levels) * len(batch)
     return float(total / max(len(ends), 1))
 
 
@@ -200,7 +219,7 @@ def fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if show else True, unit="batch")
         running = torch.zeros((), device=device)
         for step, i in enumerate(bar, start=1):
-            batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.multitask)
+            batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.quantile_levels)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             if config.gradient_clip:
@@ -210,7 +229,7 @@ def fit(
             if show and step % 50 == 0:  # reading the loss syncs the device: not every step
                 bar.set_postfix(loss=f"{float(running) / step:.4f}")
         train_loss = float(running) / max(len(batches), 1)
-        validation_loss = _mean_loss(model, series, validation_tensor, loss, config)
+        validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels)
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
         scheduler.step(validation_loss)
