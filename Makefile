@@ -19,12 +19,8 @@ setup: $(VENV)/.installed
 $(STORE)/chaos_manifest.json: | $(VENV)/.installed
 	$(PY) -m latency_forecast.synthetic --output $(STORE) --days 35 --seed 0
 
-# The demo names the latency's own history (target_latency_p99) among its inputs; train.py's
-# default feature set leaves it out (README: "Model").
-DEMO_FEATURES := cpu_rolling_avg,mem_usage,request_rate,queue_depth,error_rate,path_depth,fan_out,dependency_latency_ms,node_cpu_cores,target_latency_p99
-
 demo: $(VENV)/.installed $(STORE)/chaos_manifest.json
-	$(PY) train.py --feature-store-path $(STORE) --feature-columns $(DEMO_FEATURES) --output-dir $(ARTIFACTS)
+	$(PY) train.py --feature-store-path $(STORE) --output-dir $(ARTIFACTS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

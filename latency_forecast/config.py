@@ -53,8 +53,8 @@ class DataConfig:
 
     feature_columns: list[str] | None = _setting(
         None,
-        "comma-separated input features; default: every numeric column except "
-        f"{TARGET_COLUMN} (name {TARGET_COLUMN} to feed the latency's own history)",
+        "comma-separated input features; default: every numeric column, the latency's own history "
+        f"({TARGET_COLUMN}) included (leave it out to forecast from telemetry alone)",
     )
     sequence_length: int = _setting(16, "minutes of history per window (L)")
     horizon: int = _setting(5, "minutes ahead to forecast (H): inputs end at t, the target is t+H")
@@ -116,7 +116,7 @@ class ModelConfig:
     )
     anchor: str = _setting(
         "auto",
-        f"auto: when {TARGET_COLUMN} is an input (named in --feature-columns), forecast the change from "
+        f"auto: when {TARGET_COLUMN} is an input (as by default), forecast the change from "
         "the service's latency at t (persistence plus a learned correction); none: always forecast the level",
         choices=("auto", "none"),
     )

@@ -60,6 +60,19 @@ def format_minute(minute: int | np.integer) -> str:
     return timestamp_of(minute).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_timestamp(text: str | None, flag: str) -> pd.Timestamp | None:
+    """An ISO-8601 string as a UTC timestamp (naive means UTC); None passes through."""
+    if text is None:
+        return None
+    try:
+        stamp = pd.Timestamp(text)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{flag} {text!r} is not a timestamp; use ISO-8601 such as 2024-05-01T10:00:00Z") from error
+    if stamp is pd.NaT:
+        raise UserError(f"{flag} {text!r} is not a timestamp; use ISO-8601 such as 2024-05-01T10:00:00Z")
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
 def timestamp_of(minute: int | np.integer) -> pd.Timestamp:
     """The UTC timestamp of a minute index."""
     return pd.Timestamp(int(minute) * NS_PER_MINUTE, tz="UTC")

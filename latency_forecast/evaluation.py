@@ -122,7 +122,7 @@ def evaluate(
     baselines = {"persistence": table.target[ends].astype(np.float64)}
     if fitted_baselines:
         inputs, codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
-        baselines.update({name: baseline.predict(inputs, codes, ends) for name, baseline in fitted_baselines.items()})
+        baselines.update({name: baseline.predict(inputs, table.target, codes, ends) for name, baseline in fitted_baselines.items()})
     return Evaluation(
         ends,
         table.service_codes[ends],

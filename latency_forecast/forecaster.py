@@ -6,6 +6,7 @@ table and prepare a table for it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,6 +34,7 @@ CHECKPOINT_KEYS = (
     "alert",
     "state_dict",
     "cause_model_state_dict",
+    "scaler_fingerprint",
 )
 
 # The cause model's validation loss jumps from epoch to epoch more than the anchored forecaster's
@@ -184,6 +186,7 @@ class Forecaster:
             "state_dict": _cpu_state(self.model),
             "cause_model_state_dict": None if self.cause_model is None else _cpu_state(self.cause_model),
             "explain_background": None if self.background is None else self.background.state(),
+            "scaler_fingerprint": scaler_fingerprint(self.scaler.state(self.feature_columns)),
         }
 
     @classmethod
@@ -201,6 +204,11 @@ class Forecaster:
             raise UserError(
                 f"scaler features {scaler_state['feature_columns']} do not match the checkpoint's "
                 f"{checkpoint['feature_columns']}; pass the scaler.pt saved beside this checkpoint"
+            )
+        if scaler_fingerprint(scaler_state) != checkpoint["scaler_fingerprint"]:
+            raise UserError(
+                f"the scaler was not saved with checkpoint {source} (they come from different train.py runs); "
+                "pass the scaler.pt written beside this checkpoint"
             )
         settings = checkpoint["config"]
         model_config = config.from_dict(ModelConfig, settings["model"])
@@ -249,6 +257,16 @@ class Forecaster:
         if self.background.windows.shape[1:] != (self.data_config.sequence_length, len(self.feature_columns)):
             raise UserError(f"checkpoint {source}: its explanation background does not match its model; retrain it with train.py")
         return self.background
+
+
+def scaler_fingerprint(scaler_state: dict) -> str:
+    """A digest of what a scaler does (its columns, transform, means and scales): the checkpoint
+    keeps the one it was trained with, so a scaler from another run is refused."""
+    digest = hashlib.sha256()
+    digest.update(repr((list(scaler_state["feature_columns"]), scaler_state.get("transform", "none"))).encode())
+    for key in ("mean", "scale"):
+        digest.update(scaler_state[key].numpy().astype(np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -17,24 +17,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from latency_forecast.config import TARGET_COLUMN, StoreConfig, TimeRangeConfig
-from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute
+from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute, parse_timestamp
 from latency_forecast.errors import UserError, warn
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
 _BATCH_ROWS = 1 << 15  # rows per record batch while reading
-
-def parse_timestamp(text: str | None, flag: str) -> pd.Timestamp | None:
-    """An ISO-8601 string as a UTC timestamp (naive means UTC); None passes through."""
-    if text is None:
-        return None
-    try:
-        stamp = pd.Timestamp(text)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{flag} {text!r} is not a timestamp; use ISO-8601 such as 2024-05-01T10:00:00Z") from error
-    if stamp is pd.NaT:
-        raise UserError(f"{flag} {text!r} is not a timestamp; use ISO-8601 such as 2024-05-01T10:00:00Z")
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
@@ -90,7 +77,8 @@ def resolve_feature_columns(
     schema: pa.Schema, requested: Sequence[str] | None, exclude: Sequence[str] = ()
 ) -> list[str]:
     """The feature columns to read: the requested ones (validated) or every numeric column
-    except the target, timestamp, service and partition keys."""
+    except timestamp, service and partition keys; the target's own history is one of them
+    (contract: it is the strongest clue to the next minutes), last."""
     numeric = [
         f.name
         for f in schema
@@ -99,7 +87,7 @@ def resolve_feature_columns(
     if requested is None:
         if not numeric:
             raise UserError("the feature store has no numeric feature columns besides the target")
-        return numeric
+        return [*numeric, TARGET_COLUMN]
     if len(set(requested)) != len(requested):
         raise UserError(f"--feature-columns names a column twice: {','.join(requested)}")
     available = set(schema.names)

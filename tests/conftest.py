@@ -1,22 +1,25 @@
-"""Shared fixtures: tiny real feature stores written by the project's own generator."""
+"""Shared fixtures: tiny real feature stores written by the project's own generator, a tiny
+forecaster fitted in-process, and train.py's artifacts from two tiny runs (built once a session).
+
+Session fixtures are shared by many tests: read them, never change them in place."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from latency_forecast import data, synthetic
+import train
+from latency_forecast import artifacts, store, synthetic
+from tests.helpers import TINY_TRAINING, Fitted, fit_tiny
 
-TINY_TRAINING = [
-    "--hidden-size", "8",
-    "--epochs", "2",
-    "--samples-per-epoch", "2000",
-    "--batch-size", "256",
-    "--sequence-length", "6",
-    "--horizon", "2",
-    "--quiet",
-]
+
+def pytest_configure(config):
+    # The suite shares its cores with other jobs: torch's spinning CPU threads that lose their core
+    # stalled the tiny fits tenfold (BENCHMARKS.md). One thread keeps it fast and steady; the
+    # results do not depend on it (every comparison is made within the same process).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -29,32 +32,39 @@ def tiny_frame() -> tuple[pd.DataFrame, list[dict]]:
 def tiny_store(tmp_path_factory, tiny_frame) -> str:
     frame, manifest = tiny_frame
     path = str(tmp_path_factory.mktemp("store") / "feature_store")
-    data.write_feature_store(frame, path)
-    from latency_forecast import artifacts
-
+    store.write_feature_store(frame, path)
     artifacts.write_json(manifest, f"{path}/chaos_manifest.json")
     return path
 
 
-def write_frame(frame: pd.DataFrame, path) -> str:
-    """A single-file store from a hand-made frame."""
-    path = str(path)
-    frame.to_parquet(path, index=False)
-    return path
+@pytest.fixture(scope="session")
+def tiny_fit(tiny_store) -> Fitted:
+    """A forecaster of the telemetry and the latency's own history (so anchored, with a cause
+    model), fitted on the tiny store with a 300 ms latency threshold."""
+    telemetry = store.load_feature_store(tiny_store).feature_columns
+    table = store.load_feature_store(tiny_store, telemetry)  # the default: telemetry and the latency's own history
+    return fit_tiny(table, cause_model=True)
 
 
-def hand_frame(services=("a", "b"), minutes=30, start="2024-05-01T00:00:00Z", features=("cpu",)) -> pd.DataFrame:
-    """A small regular frame: latency = 10 * (service index + 1) + minute."""
-    rows = []
-    base = pd.Timestamp(start)
-    for s, service in enumerate(services):
-        for m in range(minutes):
-            row = {"timestamp": base + pd.Timedelta(minutes=m), "service": service}
-            for f, feature in enumerate(features):
-                row[feature] = float(m + f)
-            row["target_latency_p99"] = 10.0 * (s + 1) + m
-            rows.append(row)
-    return pd.DataFrame(rows)
+EXPLAINED = ["--shap-samples", "24", "--background-size", "4", "--target-fpr", "0.02"]
+
+
+def _train(directory, tiny_store, *extra) -> str:
+    assert train.main(["--feature-store-path", tiny_store, "--output-dir", str(directory), *TINY_TRAINING, *EXPLAINED, *extra]) == 0
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, tiny_store) -> str:
+    """train.py's artifacts for a forecaster of the telemetry alone (explained directly)."""
+    return _train(tmp_path_factory.mktemp("trained"), tiny_store, "--feature-columns", ",".join(synthetic.FEATURE_COLUMNS))
+
+
+@pytest.fixture(scope="session")
+def history_dir(tmp_path_factory, tiny_store) -> str:
+    """train.py's artifacts with the default features: the telemetry and the latency's own
+    history (anchored, explained through its cause model)."""
+    return _train(tmp_path_factory.mktemp("history"), tiny_store)
 
 
 @pytest.fixture

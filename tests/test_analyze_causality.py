@@ -11,8 +11,10 @@ import torch
 
 import analyze_causality
 import train
-from latency_forecast import artifacts, causality, data, explain, pipeline, synthetic
-from tests.conftest import TINY_TRAINING, hand_frame, write_frame
+from latency_forecast import artifacts, causality, data, explain, store, synthetic
+from latency_forecast.alerting import AlertRule
+from latency_forecast.forecaster import Forecaster
+from tests.helpers import TINY_TRAINING, hand_frame, write_frame
 
 HORIZON = 2  # TINY_TRAINING's
 
@@ -34,13 +36,13 @@ def alerting(trained, tmp_path_factory, tiny_store):
     """The trained model with its latency threshold at payment's median forecast, so that the tiny
     model's alerts and breaches overlap (the threshold does not touch the weights)."""
     checkpoint = torch.load(f"{trained}/latency_forecaster.pt", weights_only=True)
-    forecaster = pipeline.Forecaster.from_checkpoint(checkpoint, torch.load(f"{trained}/scaler.pt", weights_only=True), torch.device("cpu"))
-    table = data.load_feature_store(tiny_store, forecaster.feature_columns)
-    prepared = pipeline.prepare(table, forecaster)
+    forecaster = Forecaster.from_checkpoint(checkpoint, torch.load(f"{trained}/scaler.pt", weights_only=True), torch.device("cpu"))
+    table = store.load_feature_store(tiny_store, forecaster.feature_columns)
+    prepared = forecaster.prepare(table)
     payment = prepared.ends[table.service_codes[prepared.ends] == table.services.index("payment")]
-    median = float(np.median(pipeline.forecast_ms(forecaster, prepared, payment)))
+    median = float(np.median(forecaster.predict(prepared, payment).ms))
     checkpoint["latency_thresholds"] = {"default": median, "per_service": {}}
-    checkpoint["alert"] = pipeline.AlertRule().as_dict()  # alert when the forecast reaches the threshold
+    checkpoint["alert"] = AlertRule().as_dict()  # alert when the forecast reaches the threshold
     out = tmp_path_factory.mktemp("alerting")
     torch.save(checkpoint, out / "latency_forecaster.pt")
     torch.save(torch.load(f"{trained}/scaler.pt", weights_only=True), out / "scaler.pt")
@@ -81,13 +83,13 @@ def test_train_writes_feature_importance(trained):
 
 
 def test_checkpoint_background_is_the_training_split_summary(trained, tiny_store):
-    checkpoint = artifacts.load_checkpoint(f"{trained}/latency_forecaster.pt")
+    checkpoint = artifacts.load_torch(f"{trained}/latency_forecaster.pt", "checkpoint", "--model-checkpoint")
     saved = explain.Background.from_state(checkpoint["explain_background"])
-    forecaster = pipeline.Forecaster.from_checkpoint(checkpoint, artifacts.load_scaler_state(f"{trained}/scaler.pt"), torch.device("cpu"))
-    table = data.load_feature_store(tiny_store, forecaster.feature_columns)
+    forecaster = Forecaster.from_checkpoint(checkpoint, artifacts.load_torch(f"{trained}/scaler.pt", "scaler", "--scaler-path"), torch.device("cpu"))
+    table = store.load_feature_store(tiny_store, forecaster.feature_columns)
     settings = forecaster.data_config
     splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
-    prepared = pipeline.prepare(table, forecaster)
+    prepared = forecaster.prepare(table)
     train_ends = data.samples_in(prepared.ends, table, splits.train, settings.sequence_length, settings.horizon)
     rebuilt = explain.build_background(prepared.tensors, train_ends, len(forecaster.services), 4, checkpoint["config"]["training"]["seed"])
     np.testing.assert_array_equal(saved.windows, rebuilt.windows)
@@ -147,13 +149,13 @@ def test_event_order_predicted_explains_the_highest_forecasts(alerting, tiny_sto
     report = json.loads(output.read_text())
     assert "validation" not in report, "no manifest, no scoring"
     # every event's first minute, computed independently of the script
-    forecaster = pipeline.Forecaster.from_checkpoint(
-        artifacts.load_checkpoint(f"{alerting}/latency_forecaster.pt"), artifacts.load_scaler_state(f"{alerting}/scaler.pt"), torch.device("cpu")
+    forecaster = Forecaster.from_checkpoint(
+        artifacts.load_torch(f"{alerting}/latency_forecaster.pt", "checkpoint", "--model-checkpoint"), artifacts.load_torch(f"{alerting}/scaler.pt", "scaler", "--scaler-path"), torch.device("cpu")
     )
-    prepared = pipeline.prepare(data.load_feature_store(tiny_store, forecaster.feature_columns), forecaster)
+    prepared = forecaster.prepare(store.load_feature_store(tiny_store, forecaster.feature_columns))
     everything = data.TimeRange(int(prepared.table.minutes.min()), int(prepared.table.minutes.max()) + 1)
     forecasts = causality.forecasts_in(forecaster, prepared, everything)
-    events = causality.true_positive_events(forecasts.service_codes, forecasts.minutes, forecasts.true_positive)
+    events = causality.true_positive_events(forecasts.service_codes, forecasts.target_minutes, forecasts.true_positive)
     assert report["n_events"] == len(events) > 2
     highest = sorted((forecasts.forecast[e.position] for e in events), reverse=True)[:2]
     assert [e["predicted"] for e in report["events"]] == pytest.approx(highest)

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from latency_forecast import backtesting, data
-from latency_forecast.config import AlertConfig, BacktestConfig, DataConfig, LatencyThresholds, ModelConfig, TrainingConfig
+from latency_forecast import backtesting, data, store
+from latency_forecast.alerting import LatencyThresholds
+from latency_forecast.config import AlertConfig, BacktestConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
 from latency_forecast.data import TimeRange
 from latency_forecast.errors import UserError
-from tests.conftest import hand_frame, write_frame
 
 DAY = 1440
 START = data.to_minute(pd.Timestamp("2024-05-01T00:00:00Z"))
@@ -32,7 +32,7 @@ def _plan(days=10.0, mode="sliding", step=None, **data_values):
 
 @pytest.fixture(scope="module")
 def tiny_table(tiny_store):
-    return data.load_feature_store(tiny_store)
+    return store.load_feature_store(tiny_store)
 
 
 def test_sliding_folds_by_hand():
@@ -124,7 +124,7 @@ def test_no_validation_minute_in_any_training_window_or_target(tiny_table):
     data_config = DataConfig(sequence_length=6, horizon=2)
     L, H = data_config.sequence_length, data_config.horizon
     for mode in ("sliding", "expanding"):
-        folds = backtesting.plan_folds(backtesting.data_span(table), BacktestConfig(1.2, 0.4, 0.3, mode), data_config)
+        folds = backtesting.plan_folds(data.span(table), BacktestConfig(1.2, 0.4, 0.3, mode), data_config)
         assert len(folds) >= 4
         ends, _ = data.window_ends(table, L, H)
         for fold in folds:
@@ -176,28 +176,6 @@ def test_threads_share_the_cores():
     assert backtesting.threads_per_fold(2, 3, cores=2) == 3  # --num-threads wins
 
 
-# ----------------------------------------------------------------------------- rows of a fold
-
-
-def test_table_in_is_what_a_pushed_down_read_returns(tiny_store):
-    full = data.load_feature_store(tiny_store)
-    start, end = pd.Timestamp("2024-05-02T03:00:00Z"), pd.Timestamp("2024-05-02T09:30:00Z")
-    sliced = data.table_in(full, TimeRange(data.to_minute(start), data.to_minute(end)))
-    read = data.load_feature_store(tiny_store, None, start, end)
-    assert sliced.services == read.services and sliced.feature_columns == read.feature_columns
-    for name in ("minutes", "service_codes", "features", "target"):
-        np.testing.assert_array_equal(getattr(sliced, name), getattr(read, name))
-
-
-def test_table_in_drops_services_absent_from_the_range(tmp_path):
-    frame = hand_frame(services=("a", "b", "c"), minutes=40)
-    frame = frame[(frame["service"] != "b") | (frame["timestamp"] >= pd.Timestamp("2024-05-01T00:30:00Z"))]
-    table = data.load_feature_store(write_frame(frame, tmp_path / "s.parquet"))
-    early = data.table_in(table, TimeRange(START, START + 30))
-    assert early.services == ["a", "c"] and set(early.service_codes) == {0, 1}
-    np.testing.assert_array_equal(early.target[early.service_codes == 1], 30.0 + np.arange(30))
-
-
 # ----------------------------------------------------------------------------- leakage
 
 TINY = dict(
@@ -208,7 +186,7 @@ TINY = dict(
 
 
 def _fold(table):
-    folds = backtesting.plan_folds(backtesting.data_span(table), BacktestConfig(1.5, 0.5), TINY["data_config"])
+    folds = backtesting.plan_folds(data.span(table), BacktestConfig(1.5, 0.5), TINY["data_config"])
     return folds[0]
 
 
@@ -222,11 +200,14 @@ def _corrupt(table, from_minute, how):
 
 def _fitted_state(table, fold):
     task = backtesting.FoldTask(
-        fold, table, **TINY, alert_config=AlertConfig(target_fpr=0.05), latency_thresholds=LatencyThresholds(300.0)
+        fold, table, **TINY, alert_config=AlertConfig(target_fpr=0.05), latency_thresholds=LatencyThresholds(300.0),
+        baseline_config=BaselineConfig(gradient_boosting_max_samples=200),
     )
-    forecaster, history, samples, operating_point = backtesting.train_fold(task)
+    trained = backtesting.train_fold(task)
+    forecaster, history, samples = trained.forecaster, trained.history, trained.samples
     return {
-        "alert": operating_point,
+        "alert": trained.operating_point,
+        "compared": trained.compared,  # the baselines' alert thresholds, chosen on early stopping
         "weights": forecaster.model.state_dict(),
         "scaler": (forecaster.scaler.scaler.mean_, forecaster.scaler.scaler.scale_),
         "target": (forecaster.target_normalizer.location, forecaster.target_normalizer.scale, forecaster.target_normalizer.ceiling),
@@ -252,6 +233,8 @@ def test_data_after_the_training_end_cannot_change_the_fold(tiny_table, clean_st
     assert corrupted["history"] == clean_state["history"]
     assert corrupted["samples"] == clean_state["samples"]
     assert corrupted["alert"] == clean_state["alert"], "the alert threshold saw the validation window"
+    assert corrupted["compared"] == clean_state["compared"], "a baseline saw the validation window"
+    assert "gradient_boosting" in clean_state["compared"]
     assert clean_state["alert"]["target_fpr"] == 0.05
 
 
@@ -275,3 +258,13 @@ def test_summary_is_mean_and_sample_std_skipping_null_rates():
     assert summary["mae"] == {"mean": 3.0, "std": pytest.approx(np.sqrt(2.0))}
     assert summary["true_positive_rate"] == {"mean": 0.5, "std": None}
     assert backtesting.summarize(blocks[:1])["rmse"] == {"mean": 1.0, "std": None}
+
+
+def test_a_fold_without_samples_fails_before_any_training(tiny_table):
+    data_config = DataConfig(sequence_length=6, horizon=2)
+    fold = backtesting.plan_folds(data.span(tiny_table), BacktestConfig(1.5, 0.5), data_config)[0]
+    backtesting.check_folds(tiny_table, [fold], data_config)
+    beyond = int(tiny_table.minutes.max()) + 10
+    empty = dataclasses.replace(fold, number=7, validation=TimeRange(beyond, beyond + 100))
+    with pytest.raises(UserError, match="too little data: the fold 7 validation period"):
+        backtesting.check_folds(tiny_table, [fold, empty], data_config)

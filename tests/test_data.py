@@ -1,137 +1,29 @@
-import os
+"""data.py: windows that never cross a gap, a service or a NaN; time splits with embargoes; scalers
+fitted on training rows only; slicing a table by time."""
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from latency_forecast import data
+from latency_forecast import data, store
+from latency_forecast.data import TimeRange
 from latency_forecast.errors import UserError
-from tests.conftest import hand_frame, write_frame
+from tests.helpers import hand_frame, table_of
 
-# ----------------------------------------------------------------------------- reading
+START = data.to_minute(pd.Timestamp("2024-05-01T00:00:00Z"))
 
-
-def test_reads_hive_store_ignoring_other_files(tiny_store, tiny_frame):
-    frame, _ = tiny_frame
-    table = data.load_feature_store(tiny_store)
-    assert len(table) == len(frame)
-    assert table.services == sorted(frame["service"].unique())
-    assert "date" not in table.feature_columns, "partition keys are not features"
-    assert "target_latency_p99" not in table.feature_columns
-    assert table.features.dtype == np.float32 and table.features.flags.c_contiguous
-    # sorted by (service, minute), one block per service
-    order = np.lexsort((table.minutes, table.service_codes))
-    assert (order == np.arange(len(table))).all()
+# ----------------------------------------------------------------------------- minutes
 
 
-def test_reads_only_requested_columns_and_time_range(tiny_store):
-    start, end = pd.Timestamp("2024-05-02T00:00:00Z"), pd.Timestamp("2024-05-02T06:00:00Z")
-    table = data.load_feature_store(tiny_store, ["cpu_rolling_avg", "fan_out"], start, end)
-    assert table.feature_columns == ["cpu_rolling_avg", "fan_out"]
-    assert table.features.shape[1] == 2
-    assert table.minutes.min() == data.to_minute(start)
-    assert table.minutes.max() == data.to_minute(end) - 1
-
-
-def test_single_file_and_naive_timestamps_are_utc(tmp_path):
-    frame = hand_frame()
-    frame["timestamp"] = frame["timestamp"].dt.tz_localize(None)
-    path = write_frame(frame, tmp_path / "one.parquet")
-    table = data.load_feature_store(path)
-    assert data.format_minute(table.minutes[0]) == "2024-05-01T00:00:00Z"
-    filtered = data.load_feature_store(path, start=pd.Timestamp("2024-05-01T00:10:00Z"))
-    assert data.format_minute(filtered.minutes.min()) == "2024-05-01T00:10:00Z"
-
-
-def test_integer_feature_with_nulls_becomes_nan(tmp_path):
-    frame = hand_frame()
-    frame["count"] = pd.array([1, None] * (len(frame) // 2), dtype="Int64")
-    table = data.load_feature_store(write_frame(frame, tmp_path / "s.parquet"), ["count"])
-    assert np.isnan(table.features[:, 0]).sum() == len(frame) // 2
-
-
-def test_rows_from_many_row_groups_land_sorted_whatever_their_order(tmp_path):
-    """The reader streams row group by row group and places each row by its (service, minute)."""
-    frame = hand_frame(services=("b", "a", "c"), minutes=40)
-    frame.loc[::7, "cpu"] = np.nan
-    shuffled = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
-    arrow = pa.Table.from_pandas(shuffled, preserve_index=False)
-    arrow = arrow.set_column(arrow.schema.get_field_index("service"), "service", arrow.column("service").dictionary_encode())
-    path = str(tmp_path / "s.parquet")
-    pq.write_table(arrow, path, row_group_size=17)
-    table = data.load_feature_store(path)
-    expected = frame.sort_values(["service", "timestamp"])
-    assert table.services == ["a", "b", "c"]
-    np.testing.assert_array_equal(table.features[:, 0], expected["cpu"].to_numpy(np.float32))
-    np.testing.assert_array_equal(table.target, expected["target_latency_p99"].to_numpy(np.float32))
-    assert (np.diff(table.minutes)[np.diff(table.service_codes) == 0] == 1).all()
-
-
-@pytest.mark.parametrize(
-    "mutate, message",
-    [
-        (lambda f: f.drop(columns=["service"]), "no 'service' column"),
-        (lambda f: f.drop(columns=["timestamp"]), "no 'timestamp' column"),
-        (lambda f: f.drop(columns=["target_latency_p99"]), "no 'target_latency_p99' column"),
-        (lambda f: pd.concat([f, f.iloc[:3]]), "duplicate (service, minute)"),
-        (lambda f: f.assign(timestamp=f["timestamp"].astype(str)), "not a timestamp"),
-    ],
-)
-def test_contract_violations_are_user_errors(tmp_path, mutate, message):
-    path = write_frame(mutate(hand_frame()), tmp_path / "bad.parquet")
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        data.load_feature_store(path)
-
-
-def test_unknown_and_non_numeric_features(tmp_path):
-    frame = hand_frame(features=("cpu", "queue"))
-    frame["zone"] = "eu-west-1"
-    path = write_frame(frame, tmp_path / "s.parquet")
-    with pytest.raises(UserError, match=r"unknown feature column 'cpux'; available numeric columns: cpu, queue"):
-        data.load_feature_store(path, ["cpux"])
-    with pytest.raises(UserError, match=r"'zone' is (large_)?string, not numeric"):
-        data.load_feature_store(path, ["zone"])
-    assert data.load_feature_store(path).feature_columns == ["cpu", "queue"]
-
-
-def test_missing_path_empty_dir_unreadable_file_and_empty_range(tmp_path):
-    with pytest.raises(UserError, match="does not exist; create the demo store"):
-        data.load_feature_store(str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "README.md").write_text("not data")
-    with pytest.raises(UserError, match=r"no Parquet files"):
-        data.load_feature_store(str(tmp_path / "empty"))
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "part-0.parquet").write_bytes(b"this is not parquet")
-    with pytest.raises(UserError, match="cannot read the feature store"):
-        data.load_feature_store(str(broken))
-    path = write_frame(hand_frame(), tmp_path / "s.parquet")
-    with pytest.raises(UserError, match="has no rows between"):
-        data.load_feature_store(path, start=pd.Timestamp("2030-01-01", tz="UTC"))
-    with pytest.raises(UserError, match="is not before end"):
-        data.load_feature_store(path, start=pd.Timestamp("2024-05-02", tz="UTC"), end=pd.Timestamp("2024-05-01", tz="UTC"))
-    with pytest.raises(UserError, match="is not a timestamp"):
-        data.parse_timestamp("yesterday-ish", "--start-ts")
-
-
-def test_date_partition_pruning_keeps_exact_bounds(tmp_path):
-    frame = hand_frame(minutes=3 * 1440)
-    path = str(tmp_path / "store")
-    data.write_feature_store(frame, path)
-    assert sorted(os.listdir(path)) == ["date=2024-05-01", "date=2024-05-02", "date=2024-05-03"]
-    table = data.load_feature_store(path, start=pd.Timestamp("2024-05-01T23:58Z"), end=pd.Timestamp("2024-05-03T00:00Z"))
-    assert data.format_minute(table.minutes.min()) == "2024-05-01T23:58:00Z"
-    assert data.format_minute(table.minutes.max()) == "2024-05-02T23:59:00Z"
+def test_minutes_and_their_iso_strings(tmp_path):
+    assert START == 1714521600 // 60  # 2024-05-01T00:00:00Z in Unix seconds, by hand
+    assert data.format_minute(START + 61) == "2024-05-01T01:01:00Z"
+    assert data.to_minute(pd.Timestamp("2024-05-01T00:00:59Z")) == START, "floored to the minute"
+    assert data.span(table_of(hand_frame(minutes=30), tmp_path)) == TimeRange(START, START + 30)
+    assert TimeRange(START, START + 90).as_dict() == {"start": "2024-05-01T00:00:00Z", "end": "2024-05-01T01:30:00Z"}
 
 
 # ----------------------------------------------------------------------------- windows
-
-
-def _table(frame: pd.DataFrame, tmp_path, name="s.parquet") -> data.SeriesTable:
-    return data.load_feature_store(write_frame(frame, tmp_path / name))
 
 
 def _brute_force_ends(table: data.SeriesTable, L: int, H: int) -> list[int]:
@@ -160,7 +52,7 @@ def test_windows_never_cross_gaps_services_or_nans(tmp_path, seed):
     values = frame[["cpu", "queue", "target_latency_p99"]].to_numpy(copy=True)
     values[rng.random(values.shape) < 0.03] = np.nan
     frame[["cpu", "queue", "target_latency_p99"]] = values
-    table = _table(frame, tmp_path)
+    table = table_of(frame, tmp_path)
     L, H = 5, 3
     ends, counts = data.window_ends(table, L, H)
     assert ends.tolist() == _brute_force_ends(table, L, H)
@@ -168,20 +60,43 @@ def test_windows_never_cross_gaps_services_or_nans(tmp_path, seed):
     assert counts.incomplete_span + counts.nan_input + counts.nan_target + counts.samples == len(table)
 
 
-def test_windows_gather_the_right_rows(tmp_path):
-    table = _table(hand_frame(services=("a", "b"), minutes=20), tmp_path)
-    ends, _ = data.window_ends(table, 4, 2)
-    from latency_forecast.training import gather_windows
+def test_window_counts_by_hand(tmp_path):
+    # one service, 10 minutes, L=3, H=2: starts 0..5 are complete (6 of the 10 positions)
+    frame = hand_frame(services=("a",), minutes=10)
+    frame.loc[1, "cpu"] = np.nan  # inputs of the windows starting at 0 and 1
+    frame.loc[9, "target_latency_p99"] = np.nan  # the target of the window starting at 5
+    ends, counts = data.window_ends(table_of(frame, tmp_path), 3, 2)
+    assert counts.as_dict() == {"rows": 10, "incomplete_span": 4, "nan_input": 2, "nan_target": 1, "samples": 3}
+    assert ends.tolist() == [4, 5, 6]  # windows starting at 2, 3, 4 end at t = start + L - 1
 
-    windows = gather_windows(table.features, ends, 4)
-    assert windows.shape == (len(ends), 4, 1)
-    # hand_frame's feature is the minute index: each window is 4 consecutive minutes ending at t
-    assert (windows[:, -1, 0] - windows[:, 0, 0] == 3).all()
-    assert (table.target[ends + 2] - table.target[ends] == 2).all(), "target is t+H of the same service"
+
+def test_latest_windows_by_hand(tmp_path):
+    frame = hand_frame(services=("a", "b", "c", "d"), minutes=10)
+    frame = frame.drop(index=frame.index[(frame["service"] == "b") & (frame["timestamp"] == pd.Timestamp("2024-05-01T00:08Z"))])
+    frame.loc[(frame["service"] == "c") & (frame["timestamp"] == pd.Timestamp("2024-05-01T00:07Z")), "cpu"] = np.nan
+    frame = frame[(frame["service"] != "d") | (frame["timestamp"] < pd.Timestamp("2024-05-01T00:02Z"))]
+    table = table_of(frame, tmp_path)
+    latest = data.latest_windows(table, 3)
+    assert (table.minutes[latest.row] - START).tolist() == [9, 9, 9, 1]
+    assert latest.complete.tolist() == [True, False, True, False]  # b misses minute 8; d has 2 minutes only
+    assert latest.finite[[0, 1]].tolist() == [True, True] and not latest.finite[2]
+
+
+def test_samples_in_keeps_whole_spans_and_require_names_the_period(tmp_path):
+    table = table_of(hand_frame(services=("a",), minutes=30), tmp_path)
+    ends, _ = data.window_ends(table, 4, 2)
+    inside = data.samples_in(ends, table, TimeRange(START + 10, START + 20), 4, 2)
+    # inputs from t-3, target at t+2: t in [13, 17]
+    assert (table.minutes[inside] - START).tolist() == [13, 14, 15, 16, 17]
+    with pytest.raises(UserError) as raised:
+        data.require_samples_in(ends, table, TimeRange(START + 10, START + 14), 4, 2, "test")
+    assert str(raised.value).startswith(
+        "too little data: the test period 2024-05-01T00:10:00Z to 2024-05-01T00:14:00Z holds no complete window of 6 minutes"
+    )
 
 
 def test_splits_are_ordered_with_embargo_and_samples_never_straddle(tiny_store):
-    table = data.load_feature_store(tiny_store)
+    table = store.load_feature_store(tiny_store)
     L, H, embargo = 8, 3, 11
     splits = data.fraction_splits(table, 0.2, 0.2, embargo)
     assert splits.train.end + embargo == splits.validation.start
@@ -197,10 +112,16 @@ def test_splits_are_ordered_with_embargo_and_samples_never_straddle(tiny_store):
     assert not set(parts["train"]) & set(parts["validation"])
 
 
+def test_fraction_splits_by_hand(tmp_path):
+    # 100 minutes, 20% validation, 10% test, embargo 5: cuts at minutes 70 and 90
+    splits = data.fraction_splits(table_of(hand_frame(services=("a",), minutes=100), tmp_path), 0.2, 0.1, 5)
+    assert splits == data.Splits(TimeRange(START, START + 70), TimeRange(START + 75, START + 90), TimeRange(START + 95, START + 100))
+
+
 def test_fraction_cut_points_follow_present_minutes_not_wall_clock(tmp_path):
     day_one = hand_frame(minutes=100, start="2024-05-01T00:00:00Z")
     day_two = hand_frame(minutes=100, start="2024-05-09T00:00:00Z")
-    table = _table(pd.concat([day_one, day_two]), tmp_path)
+    table = table_of(pd.concat([day_one, day_two]), tmp_path)
     splits = data.fraction_splits(table, 0.25, 0.25, 0)
     # half the minutes are training, even though day two starts a week later
     assert data.format_minute(splits.train.end) == "2024-05-09T00:00:00Z"
@@ -210,7 +131,7 @@ def test_fraction_cut_points_follow_present_minutes_not_wall_clock(tmp_path):
 
 
 def test_scaler_sees_training_rows_only(tiny_store):
-    table = data.load_feature_store(tiny_store)
+    table = store.load_feature_store(tiny_store)
     splits = data.fraction_splits(table, 0.2, 0.2, 20)
     rows = data.rows_in(table, splits.train)
     clean = data.FeatureScaler().fit(table.features, rows)
@@ -221,8 +142,24 @@ def test_scaler_sees_training_rows_only(tiny_store):
     np.testing.assert_array_equal(clean.scaler.scale_, dirty.scaler.scale_)
 
 
+def test_scaler_by_hand():
+    features = np.array([[0.0, 5.0], [np.e - 1, 5.0], [np.nan, 5.0], [-(np.e - 1), 5.0]], dtype=np.float32)
+    rows = np.array([True, True, False, True])
+    scaler = data.FeatureScaler("log1p").fit(features, rows)
+    # signed log1p: 0, 1, -1 -> mean 0, population std sqrt(2/3); the constant column gets scale 1
+    np.testing.assert_allclose(scaler.scaler.mean_, [0.0, np.log1p(5.0)], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scaler.scaler.scale_, [np.sqrt(2 / 3), 1.0], rtol=1e-6)
+    scaled = scaler.transform(features)
+    np.testing.assert_allclose(scaled[[0, 1, 3], 0], [0.0, 1 / np.sqrt(2 / 3), -1 / np.sqrt(2 / 3)], rtol=1e-5, atol=1e-6)
+    assert np.isnan(scaled[2, 0]) and (scaled[:, 1] == 0).all()
+    identity = data.FeatureScaler("none").fit(features, rows)
+    np.testing.assert_allclose(identity.scaler.mean_[0], 0.0, atol=1e-7)
+    with pytest.raises(UserError, match="no training rows"):
+        data.FeatureScaler().fit(features, np.zeros(4, dtype=bool))
+
+
 def test_constant_feature_scales_to_zero_not_nan(tiny_store):
-    table = data.load_feature_store(tiny_store)
+    table = store.load_feature_store(tiny_store)
     scaler = data.FeatureScaler().fit(table.features, np.ones(len(table), dtype=bool))
     scaled = scaler.transform(table.features)
     constant = table.feature_columns.index("node_cpu_cores")
@@ -233,15 +170,14 @@ def test_constant_feature_scales_to_zero_not_nan(tiny_store):
     assert abs(np.nanmean(scaled[:, 0])) < 1e-3
 
 
-def test_scaler_state_rebuilds_a_fitted_standard_scaler(tiny_store):
+def test_scaler_state_rebuilds_a_fitted_standard_scaler(tiny_store, tmp_path):
     import torch
 
-    table = data.load_feature_store(tiny_store)
+    table = store.load_feature_store(tiny_store)
     scaler = data.FeatureScaler("log1p").fit(table.features, np.ones(len(table), dtype=bool))
     state = scaler.state(table.feature_columns)
-    path = tiny_store + "-scaler.pt"
-    torch.save(state, path)
-    restored = data.FeatureScaler.from_state(torch.load(path, weights_only=True))
+    torch.save(state, tmp_path / "scaler.pt")
+    restored = data.FeatureScaler.from_state(torch.load(tmp_path / "scaler.pt", weights_only=True))
     np.testing.assert_array_equal(restored.transform(table.features), scaler.transform(table.features))
     transformed = np.sign(table.features[:50]) * np.log1p(np.abs(table.features[:50]))
     np.testing.assert_allclose(
@@ -250,17 +186,37 @@ def test_scaler_state_rebuilds_a_fitted_standard_scaler(tiny_store):
 
 
 def test_target_normalizer_is_per_service_and_inverts(tmp_path):
-    table = _table(hand_frame(services=("fast", "slow"), minutes=200), tmp_path)
+    table = table_of(hand_frame(services=("fast", "slow"), minutes=200), tmp_path)
     table.target[table.service_codes == 1] *= 100
     normalizer = data.TargetNormalizer.fit(table, np.ones(len(table), dtype=bool))
     assert normalizer.location[1] - normalizer.location[0] > 3
     z = normalizer.normalize(table.target, table.service_codes)
     assert abs(np.median(z[table.service_codes == 0])) < 0.1 and abs(np.median(z[table.service_codes == 1])) < 0.1
     np.testing.assert_allclose(normalizer.denormalize(z, table.service_codes), table.target, rtol=1e-4)
+    # forecasts are capped at the largest latency seen in training
+    assert normalizer.denormalize(np.array([1e3]), np.array([1]))[0] == pytest.approx(float(table.target.max()), rel=1e-5)
+    again = data.TargetNormalizer.from_state(normalizer.state())
+    np.testing.assert_array_equal(again.location, normalizer.location)
+    assert (again.pooled, again.ceiling) == (normalizer.pooled, normalizer.ceiling)
 
 
-def test_target_named_as_a_feature_is_read_once(tmp_path):
-    path = write_frame(hand_frame(features=("cpu",)), tmp_path / "s.parquet")
-    table = data.load_feature_store(path, ["cpu", "target_latency_p99"])
-    assert table.feature_columns == ["cpu", "target_latency_p99"]
-    np.testing.assert_array_equal(table.features[:, 1], table.target)
+# ----------------------------------------------------------------------------- rows of a range
+
+
+def test_table_in_is_what_a_pushed_down_read_returns(tiny_store):
+    full = store.load_feature_store(tiny_store)
+    start, end = pd.Timestamp("2024-05-02T03:00:00Z"), pd.Timestamp("2024-05-02T09:30:00Z")
+    sliced = data.table_in(full, TimeRange(data.to_minute(start), data.to_minute(end)))
+    read = store.load_feature_store(tiny_store, None, start, end)
+    assert sliced.services == read.services and sliced.feature_columns == read.feature_columns
+    for name in ("minutes", "service_codes", "features", "target"):
+        np.testing.assert_array_equal(getattr(sliced, name), getattr(read, name))
+
+
+def test_table_in_drops_services_absent_from_the_range(tmp_path):
+    frame = hand_frame(services=("a", "b", "c"), minutes=40)
+    frame = frame[(frame["service"] != "b") | (frame["timestamp"] >= pd.Timestamp("2024-05-01T00:30:00Z"))]
+    table = table_of(frame, tmp_path)
+    early = data.table_in(table, TimeRange(START, START + 30))
+    assert early.services == ["a", "c"] and set(early.service_codes) == {0, 1}
+    np.testing.assert_array_equal(early.target[early.service_codes == 1], 30.0 + np.arange(30))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from latency_forecast import data, explain, pipeline, training
-from latency_forecast.config import DataConfig, ExplainConfig, ModelConfig, TrainingConfig
+from latency_forecast import explain, forecaster, training
+from latency_forecast.config import ExplainConfig, ModelConfig
 from latency_forecast.data import TargetNormalizer
 from latency_forecast.model import LatencyForecaster
 
@@ -90,47 +90,35 @@ def test_many_features_fall_back_to_sampled_coalitions_and_say_so(rng):
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_store):
+def fitted(tiny_fit):
     """A forecaster that reads the latency's own history, so its explanations go through a cause model."""
-    telemetry = data.load_feature_store(tiny_store).feature_columns
-    table = data.load_feature_store(tiny_store, [*telemetry, "target_latency_p99"])
-    data_config = DataConfig(sequence_length=6, horizon=2)
-    splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
-    forecaster, prepared, _ = pipeline.fit_forecaster(
-        table, splits.train, splits.validation, data_config, ModelConfig(hidden_size=8),
-        TrainingConfig(epochs=1, samples_per_epoch=1000, device="cpu"), progress=False, log=lambda _: None,
-    )
-    ends = {name: data.samples_in(prepared.ends, table, getattr(splits, name), 6, 2) for name in ("train", "validation")}
-    assert forecaster.model.anchored and pipeline.reads_latency_history(forecaster.feature_columns)
-    pipeline.fit_cause_model(
-        forecaster, prepared, ends["train"], ends["validation"], TrainingConfig(epochs=1, samples_per_epoch=1000, device="cpu"),
-        progress=False, log=lambda _: None,
-    )
-    return forecaster, prepared, ends
+    assert tiny_fit.forecaster.model.anchored and forecaster.reads_latency_history(tiny_fit.forecaster.feature_columns)
+    assert tiny_fit.forecaster.cause_model is not None
+    return tiny_fit.forecaster, tiny_fit.prepared, tiny_fit.ends
 
 
 def test_additivity_matches_the_forecast_in_ms(fitted):
-    forecaster, prepared, ends = fitted
-    background = explain.build_background(prepared.tensors, ends["train"], len(forecaster.services), 5, seed=0, pool=200)
+    trained, prepared, ends = fitted
+    background = explain.build_background(prepared.tensors, ends["train"], len(trained.services), 5, seed=0, pool=200)
     chosen = ends["validation"][:: max(1, len(ends["validation"]) // 12)][:12]
-    attributions = explain.explain(forecaster, prepared.tensors, chosen, background, ExplainConfig())
+    attributions = explain.explain(trained, prepared.tensors, chosen, background, ExplainConfig())
     # what is explained is the cause model's forecast, in ms, the way every metric maps it
-    normalized, _ = training.predict(forecaster.cause_model, prepared.tensors, chosen)
+    normalized = training.predict(trained.cause_model, prepared.tensors, chosen).forecast
     codes = prepared.tensors.service_codes[torch.as_tensor(chosen)].numpy()
-    forecast = forecaster.target_normalizer.denormalize(normalized, codes)
+    forecast = trained.target_normalizer.denormalize(normalized, codes)
     np.testing.assert_allclose(attributions.outputs, forecast, rtol=1e-5)
     np.testing.assert_allclose(attributions.base_values + attributions.values.sum(1), forecast, rtol=1e-5)
-    constant = forecaster.feature_columns.index("node_cpu_cores")
+    constant = trained.feature_columns.index("node_cpu_cores")
     assert (attributions.values[:, constant] == 0).all()
-    history = forecaster.feature_columns.index("target_latency_p99")
+    history = trained.feature_columns.index("target_latency_p99")
     assert (attributions.values[:, history] == 0).all(), "the cause model never reads the latency's own history"
     assert "cause model" in attributions.method
     assert attributions.exact.all() and attributions.method.startswith("grouped interventional exact Shapley")
 
 
 def test_background_is_built_from_training_windows_only(fitted):
-    forecaster, prepared, ends = fitted
-    n_services = len(forecaster.services)
+    trained, prepared, ends = fitted
+    n_services = len(trained.services)
     background = explain.build_background(prepared.tensors, ends["train"], n_services, 4, seed=3, pool=200)
     # poison every row that no training window reads: the background must not change
     used = np.zeros(len(prepared.table), dtype=bool)
@@ -155,8 +143,8 @@ def test_background_is_built_from_training_windows_only(fitted):
 
 
 def test_background_round_trips_through_a_weights_only_checkpoint(fitted, tmp_path):
-    forecaster, prepared, ends = fitted
-    background = explain.build_background(prepared.tensors, ends["train"], len(forecaster.services), 3, seed=0, pool=200)
+    trained, prepared, ends = fitted
+    background = explain.build_background(prepared.tensors, ends["train"], len(trained.services), 3, seed=0, pool=200)
     torch.save({"explain_background": background.state()}, tmp_path / "c.pt")
     loaded = explain.Background.from_state(torch.load(tmp_path / "c.pt", weights_only=True)["explain_background"])
     np.testing.assert_array_equal(loaded.windows, background.windows)

@@ -15,11 +15,24 @@ def test_hand_computed_values():
     assert result["false_positive_rate"] == pytest.approx(1 / 2)
     assert result["precision"] == pytest.approx(2 / 3)
     assert result["breach_accuracy"] == pytest.approx(3 / 5)
-    errors = forecast - actual
-    assert result["mae"] == pytest.approx(np.mean(np.abs(errors)))
-    assert result["rmse"] == pytest.approx(np.sqrt(np.mean(errors**2)))
+    # errors 10, 50, -400, 320, -50: |e| sums to 830, e^2 to 100 + 2500 + 160000 + 102400 + 2500 = 267500
+    assert result["mae"] == pytest.approx(166.0)
+    assert result["rmse"] == pytest.approx(np.sqrt(53_500.0))
     assert result["n_samples"] == 5
     assert tuple(result) == metrics.METRIC_KEYS
+
+
+def test_errors_on_four_samples_by_hand():
+    # errors 10, -10, 30, -50: MAE (10 + 10 + 30 + 50) / 4 = 25, RMSE sqrt((100 + 100 + 900 + 2500) / 4) = 30
+    result = metrics.forecast_metrics(np.array([100.0, 200.0, 300.0, 400.0]), np.array([110.0, 190.0, 330.0, 350.0]), 250.0)
+    assert result["mae"] == 25.0 and result["rmse"] == 30.0
+    # breaches 300, 400; alerts 330, 350: all four decided right
+    assert (result["true_positives"], result["true_negatives"], result["breach_accuracy"]) == (2, 2, 1.0)
+
+
+def test_rate():
+    assert metrics.rate(1, 4) == 0.25 and metrics.rate(0, 3) == 0.0
+    assert metrics.rate(0, 0) is None
 
 
 def test_rates_without_denominator_are_null_not_nan():
@@ -54,6 +67,17 @@ def test_calibration_picks_the_most_sensitive_threshold_within_the_target():
     assert metrics.calibrate_threshold(score[breach], breach[breach], 0.01) is None
 
 
+def test_calibration_by_hand():
+    # ten normal samples scored 0.0 .. 0.9 and one breach at 0.75: the conformal rank for FPR 0.2 is
+    # ceil(11 * 0.8) = 9, so the threshold sits just above the 9th smallest negative (0.8): one false alarm
+    score = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.75])
+    breach = np.arange(11) == 10
+    threshold = metrics.calibrate_threshold(score, breach, 0.2)
+    assert threshold == np.nextafter(0.8, np.inf)  # alerts: 0.9 only
+    assert metrics.calibrate_threshold(score, breach, 0.0) == np.nextafter(0.9, np.inf), "no false alarm allowed"
+    assert metrics.calibrate_threshold(score, breach, 0.999) == np.nextafter(0.0, np.inf)
+
+
 def test_calibration_with_ties_never_exceeds_the_target():
     score = np.array([1.0] * 50 + [0.5] * 50)
     breach = np.zeros(100, dtype=bool)
@@ -82,7 +106,22 @@ def test_episode_metrics_by_hand():
 def test_ranking_metrics():
     breach = np.array([0, 0, 1, 1], dtype=bool)
     assert metrics.ranking_metrics(np.array([0.1, 0.2, 0.8, 0.9]), breach) == {"roc_auc": 1.0, "pr_auc": 1.0}
+    # by hand: of the 4 (breach, normal) pairs, 0.35 < 0.4 is the one ranked wrong -> ROC-AUC 3/4;
+    # ranked 0.8 (breach), 0.4, 0.35 (breach), 0.1: precision 1 at recall 1/2, 2/3 at recall 1 -> AP 5/6
+    hand = metrics.ranking_metrics(np.array([0.1, 0.4, 0.35, 0.8]), breach)
+    assert hand == {"roc_auc": pytest.approx(0.75), "pr_auc": pytest.approx(5 / 6)}
+    # a tie between a breach and a normal sample counts one half
+    assert metrics.ranking_metrics(np.array([0.1, 0.5, 0.5, 0.9]), breach)["roc_auc"] == pytest.approx(0.875)
     assert metrics.ranking_metrics(np.array([0.1, 0.2]), np.array([False, False])) == {"roc_auc": None, "pr_auc": None}
+
+
+def test_roc_points_by_hand():
+    fpr, tpr = metrics.roc_points(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], dtype=bool))
+    # thresholds above all, 0.8, 0.4, 0.35, 0.1
+    np.testing.assert_allclose(fpr, [0.0, 0.0, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(tpr, [0.0, 0.5, 0.5, 1.0, 1.0])
+    empty = metrics.roc_points(np.array([0.1, 0.2]), np.array([True, True]))
+    assert len(empty[0]) == len(empty[1]) == 0
 
 
 def test_false_alarm_matching_picks_the_most_sensitive_threshold_within_the_paging_budget():

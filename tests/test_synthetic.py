@@ -1,8 +1,15 @@
+"""synthetic.py: the demo store is seeded, follows the contract's schema with its imperfections,
+breaches where it injects faults, and its command writes a hive-partitioned store (bad flags: exit 2)."""
+
+import json
+
 import numpy as np
 import pandas as pd
+import pytest
 
-from latency_forecast import data, synthetic
-from latency_forecast.config import TARGET_COLUMN
+from latency_forecast import config, store, synthetic
+from latency_forecast.config import TARGET_COLUMN, SyntheticConfig
+from tests.helpers import assert_documented_defaults, assert_one_line_error
 
 
 def test_same_seed_same_store_other_seed_other_store():
@@ -40,12 +47,15 @@ def test_latency_follows_utilisation_and_faults_breach(tiny_frame):
     assert busy.loc[hot, TARGET_COLUMN].median() > busy.loc[~hot, TARGET_COLUMN].median()
 
 
-def test_cli_writes_hive_partitioned_store(tmp_path):
+def test_cli_writes_hive_partitioned_store(tmp_path, capsys):
     out = tmp_path / "store"
     assert synthetic.main(["--output", str(out), "--days", "2", "--services", "3", "--seed", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["chaos_manifest.json", "date=2024-05-01", "date=2024-05-02"]
-    table = data.load_feature_store(str(out))
+    table = store.load_feature_store(str(out))
     assert table.services == ["auth", "cache", "payment"]
+    frame, manifest = synthetic.generate(days=2, n_services=3, seed=1)
+    assert len(table) == len(frame) and json.loads((out / "chaos_manifest.json").read_text()) == manifest
+    assert capsys.readouterr().out == f"wrote {len(frame):,} rows (3 services x 2 days) and {len(manifest)} injected faults to {out}/\n"
     # rerunning replaces the store in one swap
     assert synthetic.main(["--output", str(out), "--days", "1", "--services", "3"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["chaos_manifest.json", "date=2024-05-01"]
@@ -62,3 +72,35 @@ def test_fleet_scales_past_the_base_graph():
     frame, _ = synthetic.generate(days=1, n_services=20, seed=0, faults_per_day=0)
     assert np.isfinite(frame[synthetic.TARGET_COLUMN].dropna()).all()
     assert (frame.groupby("service")["request_rate"].mean() > 0).all()
+
+
+def test_start_moves_the_store(tmp_path):
+    out = tmp_path / "store"
+    assert synthetic.main(["--output", str(out), "--days", "1", "--services", "1", "--start", "2023-01-02T00:00:00Z"]) == 0
+    assert [p.name for p in sorted(out.iterdir())] == ["chaos_manifest.json", "date=2023-01-02"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--days", "0"], "--days must be at least 1, got 0"),
+        (["--services", "0"], "--services must be at least 1, got 0"),
+        (["--faults-per-day", "-1"], "--faults-per-day must be 0 or more"),
+        (["--start", "someday"], "--start 'someday' is not a timestamp"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "store"
+    assert_one_line_error(capsys, synthetic.main(["--output", str(out), *argv]), message)
+    assert not out.exists()
+
+
+def test_help_shows_the_documented_defaults(capsys):
+    assert_documented_defaults(
+        synthetic.build_parser(),
+        {"--output": "feature_store", "--days": "35", "--services": "8", "--faults-per-day": "1.5", "--seed": "0", "--start": "2024-05-01T00:00:00Z"},
+    )
+    assert config.from_args(synthetic.build_parser().parse_args([]), SyntheticConfig) == SyntheticConfig()
+    with pytest.raises(SystemExit) as raised:
+        synthetic.main(["--help"])
+    assert raised.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m latency_forecast.synthetic")

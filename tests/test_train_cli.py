@@ -1,28 +1,39 @@
-"""train.py end to end through main(argv), and every user error it must turn into exit status 2."""
+"""train.py end to end through main(argv): every contract artifact, the checkpoint's round trip,
+the on-call numbers of metrics.json, per-service thresholds, and every user error as exit status 2."""
 
 import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import train
-from latency_forecast import artifacts, data, metrics, pipeline, synthetic, training
+from latency_forecast import evaluation, forecaster, metrics, store
 from latency_forecast.errors import UserError
-from tests.conftest import TINY_TRAINING, hand_frame, write_frame
+from tests.helpers import (
+    TINY_TRAINING,
+    assert_documented_defaults,
+    assert_one_line_error,
+    assert_png,
+    assert_reproduces_saved_test_metrics,
+    hand_frame,
+    reload,
+    split_range,
+    write_frame,
+)
+
+QUICK = ["--shap-samples", "0", "--baselines", "persistence"]  # for runs whose explanation and GBM are not looked at
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_store):
-    out = str(tmp_path_factory.mktemp("artifacts"))
-    code = train.main(["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING])
-    assert code == 0
-    return out
+def _report(directory):
+    return json.loads(open(f"{directory}/metrics.json").read())
 
 
-def test_writes_every_contract_artifact(trained):
-    assert sorted(os.listdir(trained)) == [
+def test_writes_every_contract_artifact(trained_dir):
+    assert sorted(os.listdir(trained_dir)) == [
         "alert_tradeoff.png",
         "config.json",
         "feature_importance.json",
@@ -34,71 +45,110 @@ def test_writes_every_contract_artifact(trained):
         "scaler.pt",
         "training_history.json",
     ]
-    report = json.loads(open(f"{trained}/metrics.json").read())
+    report = _report(trained_dir)
     for section in (report["validation"], report["test"], *report["baseline"]["persistence"].values()):
         assert tuple(section) == metrics.METRIC_KEYS
-    assert report["test"]["n_samples"] == report["baseline"]["persistence"]["test"]["n_samples"] > 0
+    assert set(report["baseline"]) == {"persistence", "gradient_boosting"}
+    for name in report["baseline"]:
+        assert report["test"]["n_samples"] == report["baseline"][name]["test"]["n_samples"] == report["data"]["samples"]["test"] > 0
     assert set(report["per_service"]["test"]) <= set(report["data"]["services"])
-    history = json.loads(open(f"{trained}/training_history.json").read())
-    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+    history = json.loads(open(f"{trained_dir}/training_history.json").read())
+    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1)) and len(history) <= 2
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "seconds"}
+    for figure in ("alert_tradeoff.png", "feature_importance.png", "forecast_vs_actual.png", "loss_curve.png"):
+        assert_png(os.path.join(trained_dir, figure))
 
 
-def test_checkpoint_round_trip_with_weights_only(trained, tiny_store):
-    checkpoint = torch.load(f"{trained}/latency_forecaster.pt", map_location="cpu", weights_only=True)
-    scaler = torch.load(f"{trained}/scaler.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["format_version"] == artifacts.FORMAT_VERSION
+def test_checkpoint_round_trip_with_weights_only(trained_dir, tiny_store):
+    checkpoint = torch.load(f"{trained_dir}/latency_forecaster.pt", map_location="cpu", weights_only=True)
+    scaler = torch.load(f"{trained_dir}/scaler.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["format_version"] == forecaster.FORMAT_VERSION
     assert checkpoint["config"]["model"]["hidden_size"] == 8
+    assert checkpoint["config"]["store"]["feature_store_path"] == tiny_store
     assert scaler["feature_columns"] == checkpoint["feature_columns"]
-    forecaster = pipeline.Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
-    table = data.load_feature_store(tiny_store, forecaster.feature_columns)
-    prepared = pipeline.prepare(table, forecaster)
-    forecast = pipeline.forecast_ms(forecaster, prepared, prepared.ends[:100])
+    trained = reload(trained_dir)
+    prepared = trained.prepare(store.load_feature_store(tiny_store, trained.feature_columns))
+    forecast = trained.predict(prepared, prepared.ends[:100]).ms
     assert forecast.shape == (100,) and np.isfinite(forecast).all() and (forecast >= 0).all()
-    _assert_reproduces_saved_test_metrics(forecaster, trained, tiny_store)
-    assert not forecaster.model.anchored and forecaster.cause_model is None, "telemetry only: explained directly"
+    assert_reproduces_saved_test_metrics(trained, trained_dir, tiny_store)
+    assert not trained.model.anchored and trained.cause_model is None, "telemetry only: explained directly"
 
 
-def _assert_reproduces_saved_test_metrics(forecaster: pipeline.Forecaster, directory: str, store: str) -> None:
-    """The rebuilt forecaster gives exactly the test metrics train.py saved."""
-    report = json.loads(open(f"{directory}/metrics.json").read())
-    table = data.load_feature_store(store, forecaster.feature_columns)
-    prepared = pipeline.prepare(table, forecaster)
-    split = report["data"]["splits"]["test"]
-    test_range = data.TimeRange(data.to_minute(data.parse_timestamp(split["start"], "")), data.to_minute(data.parse_timestamp(split["end"], "")))
-    settings = forecaster.data_config
-    ends = data.samples_in(prepared.ends, table, test_range, settings.sequence_length, settings.horizon)
-    assert pipeline.evaluate(forecaster, prepared, ends).model_metrics == pytest.approx(report["test"])
+def test_latency_history_forecaster_is_anchored_and_keeps_its_cause_model(history_dir, tiny_store):
+    trained = reload(history_dir)
+    assert trained.model.anchored and trained.cause_model is not None
+    assert trained.cause_model.input_columns.tolist() == forecaster.cause_columns(trained.feature_columns)
+    assert trained.explained_model is trained.cause_model
+    report = _report(history_dir)
+    assert report["cause_model"]["history"] and "never used for alerts" in report["cause_model"]["purpose"]
+    assert_reproduces_saved_test_metrics(trained, history_dir, tiny_store)  # it needs the latency at t
+    with pytest.raises(UserError, match="no cause model to explain"):
+        reload(history_dir, drop_cause_model=True).explained_model
+
+
+def test_metrics_json_has_the_on_call_numbers(trained_dir, tiny_store):
+    report = _report(trained_dir)
+    alerting = report["alerting"]
+    point = alerting["operating_point"]
+    assert point["target_fpr"] == 0.02 and point["validation_false_positive_rate"] <= 0.02  # conftest trains with 0.02
+    assert point["validation_false_positive_rate"] == report["validation"]["false_positive_rate"]
+    assert point["test_false_positive_rate"] == report["test"]["false_positive_rate"]
+    for split in ("validation", "test"):
+        for who in ("model", "persistence"):
+            assert {"roc_auc", "pr_auc", "episodes", "anticipated_share", "median_lead_minutes", "false_alarm_episodes_per_service_day"} <= set(alerting[split][who])
+    # persistence held to the model's paging load: matched on validation, never paging more there
+    paged, model = alerting["validation"]["persistence_at_model_false_alarms"], alerting["validation"]["model"]
+    assert paged["false_alarm_episodes_per_service_day"] <= model["false_alarm_episodes_per_service_day"] + 1e-12
+    # the test split's ROC-AUCs, recomputed by scikit-learn from the reloaded model's forecasts
+    trained = reload(trained_dir)
+    prepared = trained.prepare(store.load_feature_store(tiny_store, trained.feature_columns))
+    test = evaluation.evaluate(trained, prepared, prepared.samples(split_range(report["data"]["splits"]["test"]), "test"))
+    assert alerting["test"]["model"]["roc_auc"] == pytest.approx(roc_auc_score(test.breach, test.score))
+    assert alerting["test"]["persistence"]["roc_auc"] == pytest.approx(roc_auc_score(test.breach, test.persistence_score))
+    assert point["alert_threshold_ms"] == {name: pytest.approx(point["threshold"] * 500.0) for name in report["data"]["services"]}
 
 
 @pytest.fixture(scope="module")
-def with_latency_history(tmp_path_factory, tiny_store):
-    out = str(tmp_path_factory.mktemp("history"))
-    features = ",".join([*synthetic.FEATURE_COLUMNS, "target_latency_p99"])
-    code = train.main(["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING, "--feature-columns", features])
-    assert code == 0
-    return out
+def two_scales_store(tmp_path_factory):
+    """A 3 ms cache and an 800 ms gateway whose latency follows its own load."""
+    rng = np.random.default_rng(1)
+    minutes = 3 * 1440
+    frames = []
+    for service, level in (("cache", 3.0), ("gateway", 800.0)):
+        load = 0.5 + 0.4 * np.sin(np.arange(minutes) / 90.0) + rng.normal(0, 0.02, minutes)
+        latency = level * (1 + 2.0 * np.clip(load - 0.7, 0, None)) * np.exp(rng.normal(0, 0.05, minutes))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "timestamp": pd.Timestamp("2024-05-01", tz="UTC") + pd.to_timedelta(np.arange(minutes), unit="min"),
+                    "service": service,
+                    "load": load,
+                    "target_latency_p99": latency,
+                }
+            )
+        )
+    path = tmp_path_factory.mktemp("scales") / "store.parquet"
+    pd.concat(frames).to_parquet(path, index=False)
+    return str(path)
 
 
-def _reload(directory: str, drop_cause_model: bool = False) -> pipeline.Forecaster:
-    checkpoint = torch.load(f"{directory}/latency_forecaster.pt", map_location="cpu", weights_only=True)
-    if drop_cause_model:
-        checkpoint["cause_model_state_dict"] = None
-    return pipeline.Forecaster.from_checkpoint(checkpoint, torch.load(f"{directory}/scaler.pt", weights_only=True), torch.device("cpu"))
-
-
-def test_latency_history_forecaster_is_anchored_and_keeps_its_cause_model(with_latency_history, tiny_store):
-    forecaster = _reload(with_latency_history)
-    assert forecaster.model.anchored and forecaster.cause_model is not None
-    assert forecaster.cause_model.input_columns.tolist() == pipeline.cause_columns(forecaster.feature_columns)
-    assert forecaster.explained_model is forecaster.cause_model
-    report = json.loads(open(f"{with_latency_history}/metrics.json").read())
-    assert report["cause_model"]["history"] and "never used for alerts" in report["cause_model"]["purpose"]
-    _assert_reproduces_saved_test_metrics(forecaster, with_latency_history, tiny_store)  # it needs the latency at t
-
-
-def test_an_anchored_model_without_a_cause_model_cannot_be_explained(with_latency_history):
-    with pytest.raises(UserError, match="no cause model to explain"):
-        _reload(with_latency_history, drop_cause_model=True).explained_model
+def test_per_service_thresholds_end_to_end(two_scales_store, tmp_path):
+    thresholds = tmp_path / "slo.yaml"
+    thresholds.write_text("cache: 4\ngateway: 1000\n")
+    out = tmp_path / "out"
+    argv = ["--feature-store-path", two_scales_store, "--output-dir", str(out), "--latency-thresholds", str(thresholds), *TINY_TRAINING, *QUICK]
+    assert train.main(argv) == 0
+    report = _report(out)
+    assert report["data"]["latency_thresholds"] == {"default": 500.0, "per_service": {"cache": 4.0, "gateway": 1000.0}}
+    for service in ("cache", "gateway"):
+        persistence = report["per_service"]["test"][service]["persistence"]
+        assert persistence["true_positives"] + persistence["false_negatives"] > 0, f"{service} breaches its own SLO"
+    # with one global 500 ms threshold the cache could never breach and the gateway always would
+    checkpoint = torch.load(out / "latency_forecaster.pt", weights_only=True)
+    assert checkpoint["latency_thresholds"]["per_service"] == {"cache": 4.0, "gateway": 1000.0}
+    point = report["alerting"]["operating_point"]
+    assert point["alert_threshold_ms"] == {"cache": pytest.approx(4.0 * point["threshold"]), "gateway": pytest.approx(1000.0 * point["threshold"])}
+    assert point["alert_threshold_ms"]["cache"] < 10
 
 
 def test_seed_example_command_runs(tiny_store, tmp_path, capsys):
@@ -106,51 +156,81 @@ def test_seed_example_command_runs(tiny_store, tmp_path, capsys):
         "--feature-store-path", tiny_store, "--feature-columns", "cpu_rolling_avg,path_depth,fan_out",
         "--sequence-length", "8", "--latency-threshold", "500", "--epochs", "1", "--output-dir", str(tmp_path),
         "--hidden-size", "8", "--num-layers", "2", "--dropout", "0.1", "--device", "cpu", "--samples-per-epoch", "1000",
-        "--cell", "gru", "--quiet",
+        "--cell", "gru", "--quiet", *QUICK,
     ]
     assert train.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "artifacts written to" in out and "persistence" in out
+    lines = capsys.readouterr().out.splitlines()
+    report = _report(tmp_path)
+    test, split = report["test"], report["data"]["splits"]["test"]
+    assert f"artifacts written to {os.path.abspath(tmp_path)}/ in" in lines[1]
+    assert f"test period: {split['start']} to {split['end']}, {test['n_samples']:,} samples" in lines
+    confusion = f"{test['true_positives']}/{test['false_positives']}/{test['true_negatives']}/{test['false_negatives']}"
+    assert f"confusion (TP/FP/TN/FN): {confusion}" in lines
     checkpoint = torch.load(tmp_path / "latency_forecaster.pt", weights_only=True)
     assert checkpoint["feature_columns"] == ["cpu_rolling_avg", "path_depth", "fan_out"]
-    assert checkpoint["config"]["model"]["cell"] == "gru"
+    assert checkpoint["config"]["model"]["cell"] == "gru" and checkpoint["config"]["model"]["num_layers"] == 2
+    assert checkpoint["config"]["data"]["sequence_length"] == 8
 
 
-def _one_line_error(capsys, argv, message):
-    code = train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert message in err
-    assert "Traceback" not in err
+def test_help_shows_the_documented_defaults(capsys):
+    # the README's table of the flags that matter
+    assert_documented_defaults(
+        train.build_parser(),
+        {
+            "--feature-store-path": "feature_store",
+            "--start-ts": "None",
+            "--end-ts": "None",
+            "--sequence-length": "16",
+            "--horizon": "5",
+            "--latency-threshold": "500.0",
+            "--latency-thresholds": "None",
+            "--target-fpr": "0.01",
+            "--epochs": "20",
+            "--seed": "0",
+            "--device": "auto",
+            "--num-threads": "0",
+            "--output-dir": "artifacts",
+            "--quiet": None,
+        },
+    )
+    with pytest.raises(SystemExit) as raised:
+        train.main(["--help"])
+    assert raised.value.code == 0 and capsys.readouterr().out.startswith("usage: train.py")
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--feature-columns", "cpu_rolling_avg,nope"], "unknown feature column 'nope'"),
-        (["--start-ts", "2024-05-03", "--end-ts", "2024-05-02"], "is not before end"),
+        (["--start-ts", "2024-05-03", "--end-ts", "2024-05-02"], "is not before"),
         (["--start-ts", "2031-01-01"], "has no rows"),
         (["--sequence-length", "3000"], "too little data"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"], "--"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (
+            ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu", "--target-fpr", "1.5"],
+            "--device cuda but no CUDA device is visible" if not torch.cuda.is_available() else "--target-fpr must be in [0, 1)",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, tiny_store, tmp_path, extra, message):
-    _one_line_error(capsys, ["--feature-store-path", tiny_store, "--output-dir", str(tmp_path), *TINY_TRAINING, *extra], message)
+    argv = ["--feature-store-path", tiny_store, "--output-dir", str(tmp_path / "out"), *TINY_TRAINING, *QUICK, *extra]
+    assert_one_line_error(capsys, train.main(argv), message)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
 def test_bad_stores_exit_2(capsys, tmp_path):
-    _one_line_error(capsys, ["--feature-store-path", str(tmp_path / "absent")], "does not exist")
+    assert_one_line_error(capsys, train.main(["--feature-store-path", str(tmp_path / "absent")]), "does not exist")
     frame = hand_frame(features=("cpu",))
     frame["zone"] = "a"
     path = write_frame(frame, tmp_path / "s.parquet")
-    _one_line_error(capsys, ["--feature-store-path", path, "--feature-columns", "zone"], "not numeric")
-    _one_line_error(capsys, ["--feature-store-path", write_frame(frame.drop(columns="service"), tmp_path / "n.parquet")], "no 'service' column")
+    assert_one_line_error(capsys, train.main(["--feature-store-path", path, "--feature-columns", "zone"]), "not numeric")
+    no_service = write_frame(frame.drop(columns="service"), tmp_path / "n.parquet")
+    assert_one_line_error(capsys, train.main(["--feature-store-path", no_service]), "no 'service' column")
 
 
 def test_failed_run_keeps_earlier_artifacts(tiny_store, tmp_path, monkeypatch):
     out = str(tmp_path)
-    argv = ["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING]
+    argv = ["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING, *QUICK]
     assert train.main(argv) == 0
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
 
@@ -163,15 +243,10 @@ def test_failed_run_keeps_earlier_artifacts(tiny_store, tmp_path, monkeypatch):
     assert after == before
 
 
-def test_dev_store_comparison_runs_on_two_stores(tiny_store, tmp_path, capsys):
-    from tools import dev_stores
-
-    frame, _ = synthetic.generate(days=3, n_services=4, seed=8, faults_per_day=3.0)
-    other = str(tmp_path / "other")
-    data.write_feature_store(frame, other)
-    flags = [flag for flag in TINY_TRAINING if flag != "--quiet"]
-    assert dev_stores.main(["--dev-stores", f"{tiny_store},{other}", *flags]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert sum("judged on all of" in line for line in lines) == 2 and all("MAE ratio" in line for line in lines[1:])
-    assert dev_stores.main(["--dev-stores", tiny_store]) == 2
-    assert "two or more stores" in capsys.readouterr().err
+def test_shap_samples_0_skips_the_explanation(tiny_store, tmp_path):
+    argv = ["--feature-store-path", tiny_store, "--output-dir", str(tmp_path), *TINY_TRAINING, *QUICK, "--epochs", "1"]
+    assert train.main(argv) == 0
+    assert not any(name.startswith("feature_importance") for name in os.listdir(tmp_path))
+    checkpoint = torch.load(tmp_path / "latency_forecaster.pt", weights_only=True)
+    assert checkpoint["explain_background"]["windows"].shape[1:] == (6, len(checkpoint["feature_columns"]))
+    assert set(_report(tmp_path)["baseline"]) == {"persistence"}, "--baselines persistence: no gradient boosting"

@@ -1,10 +1,17 @@
+"""training.py: the fit loop learns, is reproducible and keeps its best epoch; windows gathered by
+index are the right rows; epoch orders shard one permutation; losses and devices by hand."""
+
 import numpy as np
 import pytest
 import torch
 
-from latency_forecast import training
+from latency_forecast import data, training
 from latency_forecast.config import ModelConfig, TrainingConfig
+from latency_forecast.errors import UserError
 from latency_forecast.model import LatencyForecaster
+from tests.helpers import hand_frame, table_of
+
+POINT_ONLY = ModelConfig(hidden_size=8, quantiles="none")  # its loss is the regression loss alone
 
 
 def _series(n_rows=600, n_features=3, L=6, H=2, seed=0):
@@ -19,28 +26,6 @@ def _series(n_rows=600, n_features=3, L=6, H=2, seed=0):
     return series, ends
 
 
-def test_model_shapes_for_both_cells():
-    for cell in ("lstm", "gru"):
-        model = LatencyForecaster(4, 3, ModelConfig(cell=cell, hidden_size=8, num_layers=2))
-        out = model(torch.randn(5, 7, 4), torch.tensor([0, 1, 2, 0, 1]))
-        assert out.shape == (5,)
-    no_embedding = LatencyForecaster(4, 3, ModelConfig(service_embedding_dim=0, hidden_size=8))
-    assert no_embedding(torch.randn(2, 3, 4), torch.tensor([0, 1])).shape == (2,)
-
-
-def test_anchored_model_forecasts_the_change_from_the_latency_at_t():
-    torch.manual_seed(0)
-    model = LatencyForecaster(2, 2, ModelConfig(hidden_size=4, dropout=0.0), [3.0, 5.0], [0.5, 0.2], (4.0, 1.0), anchored=True).eval()
-    with torch.no_grad():  # the network says "no change" and "no extra milliseconds"
-        model.head[-1].weight.zero_()
-        model.head[-1].bias.copy_(torch.tensor([0.0, -40.0]))
-    current = torch.tensor([-1.0, 0.0, 2.5])
-    forecast = model(torch.randn(3, 6, 2), torch.tensor([0, 1, 1]), current)
-    torch.testing.assert_close(forecast, current)  # persistence, in the standardised units
-    with pytest.raises(ValueError, match="pass current"):
-        model(torch.randn(3, 6, 2), torch.tensor([0, 1, 1]))
-
-
 def test_fit_learns_and_is_reproducible():
     series, ends = _series()
     train, validation = ends[:400], ends[400:]
@@ -50,32 +35,72 @@ def test_fit_learns_and_is_reproducible():
         torch.manual_seed(config.seed)
         model = LatencyForecaster(3, 1, ModelConfig(hidden_size=8))
         history = training.fit(model, series, train, validation, config, progress=False)
-        results.append((history, training.predict(model, series, validation)[0]))
+        results.append((history, training.predict(model, series, validation)))
     (history, predictions), (history_again, predictions_again) = results
     assert [row["val_loss"] for row in history] == [row["val_loss"] for row in history_again]
-    np.testing.assert_array_equal(predictions, predictions_again)
+    np.testing.assert_array_equal(predictions.forecast, predictions_again.forecast)
+    np.testing.assert_array_equal(predictions.quantiles, predictions_again.quantiles)
     assert history[-1]["val_loss"] < history[0]["val_loss"] * 0.5
     assert set(history[0]) == {"epoch", "train_loss", "val_loss", "seconds"}
+    assert [row["epoch"] for row in history] == list(range(1, 7))
 
 
 def test_early_stopping_keeps_the_best_weights():
     series, ends = _series()
     config = TrainingConfig(epochs=30, batch_size=64, learning_rate=5e-2, samples_per_epoch=0, patience=2, seed=0)
     torch.manual_seed(0)
-    model = LatencyForecaster(3, 1, ModelConfig(hidden_size=8))
+    model = LatencyForecaster(3, 1, POINT_ONLY)
     history = training.fit(model, series, ends[:50], ends[400:], config, progress=False)  # tiny train set overfits
     best = min(row["val_loss"] for row in history)
     assert len(history) < 30
+    assert len(history) - 1 - int(np.argmin([row["val_loss"] for row in history])) == config.patience, "stopped after 2 stale epochs"
     loss = training._loss_function(config)
     windows, services, target = series.batch(torch.as_tensor(ends[400:]))
     with torch.no_grad():
-        assert float(loss(model(windows, services), target)) == pytest_approx(best)
+        assert float(loss(model(windows, services), target)) == pytest.approx(best, rel=1e-5)
 
 
-def pytest_approx(value):
-    import pytest
+def test_loss_by_hand():
+    prediction, target = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.5, 2.0, 4.0])
+    # huber (delta 1): 0.125, 1.5, 3.5; the spike (4.0 > SPIKE_Z = 3) weighs 1 + 3
+    huber = training._loss_function(TrainingConfig(spike_weight=3.0))
+    assert float(huber(prediction, target)) == pytest.approx((0.125 + 1.5 + 4 * 3.5) / 6)
+    mse = training._loss_function(TrainingConfig(loss="mse", spike_weight=0.0))
+    assert float(mse(prediction, target)) == pytest.approx((0.25 + 4.0 + 16.0) / 3)
+    # pinball at levels 0.1 and 0.9 of a forecast 1.0 against target 2.0 (under by 1) and 0.0 (over by 1)
+    pinball = training.pinball_loss(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.tensor([2.0, 0.0]), torch.tensor([0.1, 0.9]))
+    assert float(pinball) == pytest.approx((0.1 + 0.9 + 0.9 + 0.1) / 4)
 
-    return pytest.approx(value, rel=1e-5)
+
+def test_predict_returns_every_output_and_nothing_for_no_samples():
+    series, ends = _series()
+    model = LatencyForecaster(3, 1, ModelConfig(hidden_size=8, multitask=True, quantiles="0.5,0.9"))
+    predictions = training.predict(model, series, ends[:10], batch_size=4)  # three batches, joined
+    assert predictions.forecast.shape == (10,) and predictions.quantiles.shape == (10, 2) and predictions.probability.shape == (10,)
+    assert ((predictions.probability > 0) & (predictions.probability < 1)).all()
+    whole = training.predict(model, series, ends[:10])
+    np.testing.assert_allclose(predictions.forecast, whole.forecast, rtol=1e-6)
+    empty = training.predict(model, series, ends[:0])
+    assert empty.forecast.shape == (0,) and empty.quantiles.shape == (0, 2) and empty.probability.shape == (0,)
+    assert training.predict(LatencyForecaster(3, 1, POINT_ONLY), series, ends[:3]).quantiles is None
+
+
+def test_windows_gather_the_right_rows(tmp_path):
+    table = table_of(hand_frame(services=("a", "b"), minutes=20), tmp_path, feature_columns=["cpu"])
+    ends, _ = data.window_ends(table, 4, 2)
+    windows = training.gather_windows(table.features, ends, 4)
+    assert windows.shape == (len(ends), 4, 1)
+    # hand_frame's feature is the minute index: each window is 4 consecutive minutes ending at t
+    assert (windows[:, -1, 0] - windows[:, 0, 0] == 3).all()
+    assert (table.target[ends + 2] - table.target[ends] == 2).all(), "target is t+H of the same service"
+    series = training.SeriesTensors(
+        torch.from_numpy(table.features), torch.from_numpy(table.target), torch.from_numpy(table.service_codes), 4, 2
+    )
+    batch_windows, services, target = series.batch(torch.as_tensor(ends))
+    np.testing.assert_array_equal(batch_windows.numpy(), windows)
+    np.testing.assert_array_equal(services.numpy(), table.service_codes[ends])
+    np.testing.assert_array_equal(target.numpy(), table.target[ends + 2])
+    np.testing.assert_array_equal(series.current(torch.as_tensor(ends)).numpy(), table.target[ends])
 
 
 def test_epoch_order_shards_partition_one_permutation():
@@ -84,4 +109,13 @@ def test_epoch_order_shards_partition_one_permutation():
     assert sorted(torch.cat(shards).tolist()) == list(range(103))
     assert torch.equal(shards[1], full[1::4])
     assert not torch.equal(training.epoch_order(103, 3, 5), full), "a new order each epoch"
+    assert torch.equal(training.epoch_order(103, 2, 5), full), "the same seed and epoch, the same order"
     assert len(training.epoch_order(103, 2, 5, limit=10)) == 10
+
+
+def test_devices():
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    assert training.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda but no CUDA device is visible"):
+            training.resolve_device("cuda")

@@ -1,16 +1,22 @@
 r"""Judge a model configuration on development stores, never on the demo store's test split.
 
-For each ordered pair of stores (A, B): fit on A's training split (early stopping on A's
-validation split), calibrate the alert to --target-fpr on A's validation split, then report on
-A's validation split and on all of B (a chaos run the model never saw), beside persistence on
-the same samples: MAE ratio, ROC-AUC, episodes anticipated by the model and by persistence with
-its threshold chosen on A's validation split for the same FPR, false-alarm episodes per
-service-day. Change one setting at a time and keep it only if it wins on every line.
+Synthetic stores (--dev-stores, two or more chaos runs of one fleet): for each ordered pair
+(A, B), fit on A's training split (early stopping on A's validation split), fit the baselines
+there, calibrate every alert to --target-fpr on A's validation split, then report on A's
+validation split and on all of B (a chaos run the model never saw).
+Real stores (--real-stores, each its own fleet): fit and calibrate the same way, then report on
+its validation and test splits.
+
+Each line: the model's test MAE skill over persistence and gradient boosting (1 - MAE ratio,
+same samples), episodes anticipated by the model, persistence and gradient boosting with each
+one's threshold chosen on validation for the same FPR (and the test FPR each reached), false
+alarms per service-day, and the coverage of each model quantile. Change one setting at a time
+and keep it only if it wins everywhere.
 
 Example:
     python -m latency_forecast.synthetic --output dev_store_1 --seed 1
     python -m latency_forecast.synthetic --output dev_store_2 --seed 2
-    python -m tools.dev_stores --dev-stores dev_store_1,dev_store_2 --hidden-size 32
+    python -m tools.dev_stores --dev-stores dev_store_1,dev_store_2 --real-stores ../shared/data/nezha_train_ticket
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ import itertools
 import sys
 from typing import Sequence
 
-from latency_forecast import alerting, config, data, evaluation, forecaster, metrics, store
-from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, TrainingConfig
+from latency_forecast import alerting, config, data, evaluation, forecaster, store
+from latency_forecast.config import AlertConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 
-CONFIGS = (DataConfig, ModelConfig, TrainingConfig, AlertConfig)
+CONFIGS = (DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig)
 
 
 def build_parser() -> config.ArgumentParser:
     parser = config.build_parser(prog="python -m tools.dev_stores", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
-    parser.add_argument("--dev-stores", required=True, help="comma-separated paths of two or more development stores")
+    parser.add_argument("--dev-stores", default="", help="comma-separated synthetic development stores (two or more), fit on each, judged on the others")
+    parser.add_argument("--real-stores", default="", help="comma-separated real stores, each judged on its own validation and test splits")
     return parser
 
 
@@ -36,42 +43,65 @@ def _number(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def judge(judged: evaluation.Evaluation, persistence_threshold: float, horizon: int) -> str:
-    """One line: the model against persistence on the same samples."""
-    view = evaluation.alerting_report(judged, horizon, {"persistence": persistence_threshold})
-    model, matched = view["model"], view["persistence"]
-    per_day = "false_alarm_episodes_per_service_day"
-    return (
-        f"MAE ratio {judged.model_metrics['mae'] / judged.persistence_metrics['mae']:.3f}  "
-        f"FPR {_number(judged.model_metrics['false_positive_rate'], '{:.2%}')}  "
-        f"ROC-AUC {_number(model['roc_auc'], '{:.4f}')} vs {_number(matched['roc_auc'], '{:.4f}')}  "
-        f"anticipated {model['anticipated_episodes']} vs {matched['anticipated_episodes']} of {model['episodes']}  "
-        f"false alarms/service-day {_number(model[per_day], '{:.2f}')} vs {_number(matched[per_day], '{:.2f}')}"
+def judge(judged: evaluation.Evaluation, compared: dict[str, tuple[str, float]], horizon: int) -> str:
+    """One line: the model against its baselines on the same samples, alerts at the same FPR."""
+    view = evaluation.alerting_report(judged, horizon, compared)
+    model_mae, per_day = judged.model_metrics["mae"], "false_alarm_episodes_per_service_day"
+    skills = "  ".join(
+        f"skill/{name} {1 - model_mae / block['mae']:+.3f}" for name, block in judged.baseline_metrics.items() if block["mae"]
     )
+
+    def alerts(block: dict, fpr: float | None) -> str:
+        return f"{block['anticipated_episodes']}/{block['episodes']} ({_number(fpr, '{:.2%}')}, {_number(block[per_day], '{:.2f}')}/day)"
+
+    line = [f"MAE {model_mae:.1f}  {skills}", f"model {alerts(view['model'], judged.model_metrics['false_positive_rate'])}"]
+    for label, block in view.items():
+        if label.endswith("_at_target_fpr"):
+            line.append(f"{label[: -len('_at_target_fpr')]} {alerts(block, block['false_positive_rate'])}")
+    coverage = evaluation.quantile_report(judged)
+    if coverage:
+        line.append("coverage " + " ".join(f"{name}:{_number(block['coverage'], '{:.3f}')}" for name, block in coverage.items()))
+    return "  ".join(line)
+
+
+def fit(path: str, settings: tuple) -> tuple[forecaster.Forecaster, dict, data.SeriesTable, forecaster.PreparedSeries, data.Splits, dict]:
+    """Fit the model and baselines on the store's training split; calibrate on its validation split."""
+    data_config, model_config, training_config, alert_config, baseline_config = settings
+    table = store.load_feature_store(path, data_config.feature_columns)
+    splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
+    trained, prepared, _ = forecaster.fit_forecaster(
+        table, splits.train, splits.validation, data_config, model_config, training_config,
+        progress=False, log=lambda message: None, latency_thresholds=alerting.read_latency_thresholds(data_config),
+    )
+    baselines = evaluation.fit_baselines(trained, prepared, prepared.samples(splits.train, "training"), baseline_config)
+    validation, trained.alert = evaluation.calibrated_evaluation(
+        trained, prepared, prepared.samples(splits.validation, "validation"), alert_config, baselines
+    )
+    compared = evaluation.comparisons(validation, trained.alert, alert_config, data_config.horizon)
+    return trained, baselines, table, prepared, splits, {"validation": validation, "compared": compared}
 
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    data_config, model_config, training_config, alert_config = config.from_args(args, *CONFIGS)
-    stores = [path for path in args.dev_stores.split(",") if path]
-    if len(stores) < 2:
-        raise UserError("--dev-stores needs two or more stores (e.g. python -m latency_forecast.synthetic --seed 1 and --seed 2)")
-    print("model vs persistence at the same validation-chosen FPR, on the same samples")
-    for fit_store, other_store in itertools.permutations(stores, 2):
-        table = store.load_feature_store(fit_store, data_config.feature_columns)
-        splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
-        trained, prepared, _ = forecaster.fit_forecaster(
-            table, splits.train, splits.validation, data_config, model_config, training_config,
-            progress=False, log=lambda message: None, latency_thresholds=alerting.read_latency_thresholds(data_config),
-        )
-        validation, trained.alert = evaluation.calibrated_evaluation(
-            trained, prepared, prepared.samples(splits.validation, "validation"), alert_config
-        )
-        persistence_threshold = metrics.calibrate_threshold(validation.persistence_score, validation.breach, alert_config.target_fpr or 0.01)
+    settings = config.from_args(args, *CONFIGS)
+    horizon = settings[0].horizon
+    synthetic = [path for path in args.dev_stores.split(",") if path]
+    real = [path for path in args.real_stores.split(",") if path]
+    if len(synthetic) == 1 or not (synthetic or real):
+        raise UserError("pass two or more --dev-stores (python -m latency_forecast.synthetic --seed 1, --seed 2) and/or --real-stores")
+    print("model vs baselines on the same samples; alerts: episodes anticipated (test FPR, false alarms per service-day), thresholds chosen on validation")
+    for path in real:
+        trained, baselines, table, prepared, splits, fitted = fit(path, settings)
+        print(f"real {path}: validation  {judge(fitted['validation'], fitted['compared'], horizon)}")
+        test = evaluation.evaluate(trained, prepared, prepared.samples(splits.test, "test"), baselines)
+        print(f"    test  {judge(test, fitted['compared'], horizon)}", flush=True)
+    for fit_store, other_store in itertools.permutations(synthetic, 2):
+        trained, baselines, _, _, _, fitted = fit(fit_store, settings)
         unseen = trained.prepare(store.load_feature_store(other_store, trained.feature_columns))
-        print(f"fit {fit_store}: validation  {judge(validation, persistence_threshold, data_config.horizon)}")
-        print(f"    judged on all of {other_store}: {judge(evaluation.evaluate(trained, unseen, unseen.ends), persistence_threshold, data_config.horizon)}", flush=True)
+        print(f"fit {fit_store}: validation  {judge(fitted['validation'], fitted['compared'], horizon)}")
+        other = evaluation.evaluate(trained, unseen, unseen.ends, baselines)
+        print(f"    judged on all of {other_store}: {judge(other, fitted['compared'], horizon)}", flush=True)
     return 0
 
 

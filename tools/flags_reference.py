@@ -28,6 +28,7 @@ SCRIPTS = (
     "train",
     "backtest",
     "analyze_causality",
+    "forecast",
     "latency_forecast.synthetic",
 )
 

@@ -1,0 +1,86 @@
+"""model.py: the recurrent forecaster's shapes, its two-part head and quantiles checked by hand,
+anchoring on the latency at t, and a model that reads only some input columns."""
+
+import math
+
+import pytest
+import torch
+
+from latency_forecast.config import ModelConfig
+from latency_forecast.model import LatencyForecaster
+
+
+def _set_head(model, bias):
+    """The network's last layer outputs ``bias`` whatever the window: its outputs are known by hand."""
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.tensor(bias))
+    return model.eval()
+
+
+def test_shapes_for_both_cells_with_and_without_embedding():
+    for cell in ("lstm", "gru"):
+        model = LatencyForecaster(4, 3, ModelConfig(cell=cell, hidden_size=8, num_layers=2))
+        out = model(torch.randn(5, 7, 4), torch.tensor([0, 1, 2, 0, 1]))
+        assert out.shape == (5,)
+        assert isinstance(model.rnn, torch.nn.LSTM if cell == "lstm" else torch.nn.GRU) and model.rnn.num_layers == 2
+    no_embedding = LatencyForecaster(4, 3, ModelConfig(service_embedding_dim=0, hidden_size=8))
+    assert no_embedding.embedding is None
+    assert no_embedding(torch.randn(2, 3, 4), torch.tensor([0, 1])).shape == (2,)
+    full = LatencyForecaster(4, 3, ModelConfig(hidden_size=8, quantiles="0.1,0.5,0.9", multitask=True))(
+        torch.randn(5, 7, 4), torch.tensor([0, 1, 2, 0, 1]), full=True
+    )
+    assert full.forecast.shape == (5,) and full.quantiles.shape == (5, 3) and full.breach_logit.shape == (5,)
+
+
+def test_head_mixes_relative_and_absolute_latency_by_hand():
+    # service 0: location 3.0, scale 0.5; pooled (4.0, 1.0); outputs r = 1.0, a = -1.0
+    model = LatencyForecaster(2, 1, ModelConfig(hidden_size=4, dropout=0.0, quantiles="none"), [3.0], [0.5], (4.0, 1.0))
+    _set_head(model, [1.0, -1.0])
+    relative, absolute = 3.0 + 0.5 * 1.0, 4.0 + 1.0 * -1.0  # 3.5 and 3.0, in log milliseconds
+    expected = (math.log(math.exp(relative) + math.exp(absolute)) - 3.0) / 0.5  # = 1.948154...
+    forecast = model(torch.randn(3, 5, 2), torch.zeros(3, dtype=torch.int64))
+    torch.testing.assert_close(forecast, torch.full((3,), expected))
+    assert expected == pytest.approx(1.948154, abs=1e-6)
+
+
+def test_quantiles_sit_on_the_forecast_and_never_cross_by_hand():
+    model = LatencyForecaster(2, 1, ModelConfig(hidden_size=4, dropout=0.0, quantiles="0.5,0.9", multitask=True), [3.0], [0.5], (4.0, 1.0))
+    _set_head(model, [1.0, -40.0, 0.2, -1.0, 0.7])
+    outputs = model(torch.randn(2, 5, 2), torch.zeros(2, dtype=torch.int64), full=True)
+    forecast = (3.0 + 0.5 - 3.0) / 0.5 + 0.0  # the absolute part e^(4 - 40) vanishes: 1.0
+    torch.testing.assert_close(outputs.forecast, torch.full((2,), forecast))
+    softplus = math.log(1 + math.exp(-1.0))  # 0.313262
+    torch.testing.assert_close(outputs.quantiles, torch.tensor([[forecast + 0.2, forecast + 0.2 + softplus]] * 2))
+    torch.testing.assert_close(outputs.breach_logit, torch.full((2,), 0.7))
+    assert model.quantile_levels.tolist() == pytest.approx([0.5, 0.9])
+    # whatever the weights, the quantiles are ordered
+    torch.manual_seed(0)
+    random = LatencyForecaster(3, 2, ModelConfig(hidden_size=6, quantiles="0.1,0.5,0.9"))
+    quantiles = random(torch.randn(64, 5, 3) * 3, torch.randint(0, 2, (64,)), full=True).quantiles
+    assert (quantiles[:, 1:] >= quantiles[:, :-1]).all()
+
+
+def test_anchored_model_forecasts_the_change_from_the_latency_at_t():
+    torch.manual_seed(0)
+    model = LatencyForecaster(2, 2, ModelConfig(hidden_size=4, dropout=0.0, quantiles="none"), [3.0, 5.0], [0.5, 0.2], (4.0, 1.0), anchored=True)
+    _set_head(model, [0.0, -40.0])  # the network says "no change" and "no extra milliseconds"
+    current = torch.tensor([-1.0, 0.0, 2.5])
+    forecast = model(torch.randn(3, 6, 2), torch.tensor([0, 1, 1]), current)
+    torch.testing.assert_close(forecast, current)  # persistence, in the standardised units
+    with pytest.raises(ValueError, match="pass current"):
+        model(torch.randn(3, 6, 2), torch.tensor([0, 1, 1]))
+
+
+def test_a_model_of_some_columns_never_reads_the_others():
+    torch.manual_seed(0)
+    model = LatencyForecaster(2, 1, ModelConfig(hidden_size=4), input_columns=[0, 2]).eval()
+    windows = torch.randn(4, 5, 3)
+    changed = windows.clone()
+    changed[:, :, 1] = 1e6  # the column it does not read
+    codes = torch.zeros(4, dtype=torch.int64)
+    torch.testing.assert_close(model(changed, codes), model(windows, codes), rtol=0, atol=0)
+    changed[:, :, 2] += 1.0
+    assert not torch.equal(model(changed, codes), model(windows, codes))
+    with pytest.raises(ValueError, match="3 input columns for a model of 2 features"):
+        LatencyForecaster(2, 1, ModelConfig(hidden_size=4), input_columns=[0, 1, 2])
