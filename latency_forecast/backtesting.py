@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from latency_forecast import data, evaluation, forecaster
 from latency_forecast.alerting import LatencyThresholds
@@ -207,7 +208,9 @@ def train_fold(task: FoldTask) -> TrainedFold:
     )
     fit_ends = prepared.samples(fold.fit, f"fold {fold.number} training")
     stop_ends = prepared.samples(fold.early_stopping, f"fold {fold.number} early-stopping")
-    baselines = evaluation.fit_baselines(trained, prepared, fit_ends, task.baseline_config)
+    # one OpenMP thread for the trees: their sums then do not depend on how many folds run at once
+    with threadpool_limits(limits=1):
+        baselines = evaluation.fit_baselines(trained, prepared, fit_ends, task.baseline_config)
     calibrated, trained.alert = evaluation.calibrated_evaluation(trained, prepared, stop_ends, task.alert_config, baselines)
     return TrainedFold(
         trained,
@@ -226,7 +229,8 @@ def run_fold(task: FoldTask) -> FoldResult:
     trained = train_fold(task)
     prepared = trained.forecaster.prepare(data.table_in(task.table, fold.validation), inplace=True)
     ends = prepared.samples(fold.validation, f"fold {fold.number} validation")
-    judged = evaluation.evaluate(trained.forecaster, prepared, ends, trained.baselines)
+    with threadpool_limits(limits=1):
+        judged = evaluation.evaluate(trained.forecaster, prepared, ends, trained.baselines)
     return FoldResult(
         fold,
         judged.model_metrics,
