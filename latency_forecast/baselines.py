@@ -135,7 +135,8 @@ class GradientBoostingBaseline:
         target : (n_rows,) float32, latency in ms at each row
         service_codes : (n_rows,) int, service index of each row, in ``[0, n_services)``
         train_ends : (n_train,) row indices ending valid training windows; only the rows
-            ``t-L+1 .. t`` (inputs) and ``t+H`` (target) of these windows are read
+            ``t-L+1 .. t`` (inputs; the latency at t, anchored) and ``t+H`` (target) of these windows
+            are read
         max_samples : at most this many windows are drawn (seeded, without replacement)
         loss : ``log_absolute_error`` / ``log_squared_error`` fit log1p(latency) with that loss;
             ``absolute_error`` fits milliseconds
@@ -151,21 +152,23 @@ class GradientBoostingBaseline:
             rng = np.random.default_rng(seed)
             ends = ends[np.sort(rng.choice(len(ends), size=max_samples, replace=False))]
         n_features = features.shape[1]
-        # scikit-learn bins a float64 copy of whatever it is given: building float64 here keeps one
-        # (n_samples, L*F+1) matrix alive instead of a float32 one and its float64 copy
-        matrix = _gather(
-            np.empty((len(ends), sequence_length * n_features + 1), dtype=np.float64),
-            features, service_codes, ends, sequence_length,
-        )
-        y = _encode(target[ends + horizon].astype(np.float64), loss)
-        if anchor:
-            y -= _encode(target[ends].astype(np.float64), loss)
-
         early_stopping = len(ends) > EARLY_STOPPING_MIN_SAMPLES
         if early_stopping:
             fit_mask, held_mask = _early_stopping_split(ends, service_codes, EARLY_STOPPING_FRACTION, sequence_length + horizon)
         else:
             fit_mask, held_mask = np.ones(len(ends), dtype=bool), np.zeros(len(ends), dtype=bool)
+
+        def matrices(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # scikit-learn bins a float64 copy of whatever it is given: built float64 here, the
+            # windows exist once (not as float32 plus its float64 copy, nor as a slice of a whole)
+            window_ends = ends[chosen]
+            matrix = np.empty((len(window_ends), sequence_length * n_features + 1), dtype=np.float64)
+            y = _encode(target[window_ends + horizon].astype(np.float64), loss)
+            if anchor:
+                y -= _encode(target[window_ends].astype(np.float64), loss)
+            return _gather(matrix, features, service_codes, window_ends, sequence_length), y
+
+        matrix, y = matrices(fit_mask)
         regressor = HistGradientBoostingRegressor(
             loss="absolute_error" if loss.endswith("absolute_error") else "squared_error",
             learning_rate=learning_rate,
@@ -178,9 +181,10 @@ class GradientBoostingBaseline:
         if not early_stopping:
             regressor.fit(matrix, y)
         elif _supports_validation_set():
-            regressor.fit(matrix[fit_mask], y[fit_mask], X_val=matrix[held_mask], y_val=y[held_mask])
+            held_matrix, held_y = matrices(held_mask)
+            regressor.fit(matrix, y, X_val=held_matrix, y_val=held_y)
         else:
-            regressor = _fit_stopping_on(regressor, matrix[fit_mask], y[fit_mask], matrix[held_mask], y[held_mask])
+            regressor = _fit_stopping_on(regressor, matrix, y, *matrices(held_mask))
         return cls(
             regressor=regressor,
             sequence_length=sequence_length,
