@@ -8,7 +8,7 @@ ARTIFACTS ?= artifacts
 
 .PHONY: demo test docs bench setup clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ray.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -30,7 +30,7 @@ docs: $(VENV)/.installed
 	$(PY) -m tools.flags_reference
 
 # Benchmarks need Darts and Lightning: a venv of their own, so they never reach .venv
-$(BENCH_VENV)/.installed: requirements.txt requirements-dev.txt requirements-bench.txt
+$(BENCH_VENV)/.installed: requirements.txt requirements-dev.txt requirements-ray.txt requirements-bench.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements-bench.txt

@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     thresholds = alerting.read_latency_thresholds(data_config)
     alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
+    if backtest_config.executor == "ray":
+        backtesting.import_ray()  # a missing Ray fails before the store is read
     directory, json_name, figure_name = _output_paths(backtest_config.output)
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
@@ -68,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features, "
         f"{data.format_minute(span.start)} to {data.format_minute(span.end)}"
     )
+    where = f" as Ray tasks on {backtest_config.ray_address or 'a local Ray instance'}" if backtest_config.executor == "ray" else ""
     log(
-        f"{len(folds)} {backtest_config.window_mode} folds, {jobs} at a time with {threads} torch thread(s) each; "
+        f"{len(folds)} {backtest_config.window_mode} folds, {jobs} at a time{where} with {threads} torch thread(s) each; "
         f"embargo {data_config.embargo} minutes"
     )
     results = backtesting.run_backtest(
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         alert_config=alert_config,
         latency_thresholds=thresholds,
         baseline_config=baseline_config,
+        executor=backtest_config.executor,
+        ray_address=backtest_config.ray_address,
     )
     run_config = {
         "store": {**config.to_dict(store_config), **config.to_dict(time_range)},

@@ -62,9 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = live.forecast_report(forecaster, table, at, settings.max_staleness_minutes, newest_elsewhere, explain_config)
     report["model"] = {"checkpoint": os.path.abspath(checkpoint.model_checkpoint), "feature_columns": forecaster.feature_columns}
 
-    artifacts.write_json(report, settings.output)
-    if settings.prometheus_textfile:
-        publish.write_prometheus_textfile(report, settings.prometheus_textfile)
+    # forecasts.json moves into place only once the textfile is written: a bad path changes neither file
+    with artifacts.staged(os.path.dirname(os.path.abspath(settings.output))) as stage:
+        stage.write_json(os.path.basename(settings.output), report)
+        if settings.prometheus_textfile:
+            publish.write_prometheus_textfile(report, settings.prometheus_textfile)
     _print_summary(report, settings, time.perf_counter() - started)
     if settings.alertmanager_url:  # last: the files above are written even when Alertmanager is down
         posted = publish.post_alerts(

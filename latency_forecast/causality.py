@@ -265,7 +265,7 @@ def analyze(
 
     Raises
     ------
-    UserError : when the range holds no complete window to forecast.
+    UserError : when the range holds no complete window to forecast, or none of the given faults.
     """
     settings = forecaster.data_config
     horizon = settings.horizon
@@ -279,6 +279,12 @@ def analyze(
         )
     rankable = [name for name in forecaster.feature_columns if name != TARGET_COLUMN]
     inside = [f for f in faults or [] if f.start < time_range.end and f.end + horizon >= time_range.start]
+    if faults and not inside:  # nothing to score: the manifest of another run, or the wrong range
+        raise UserError(
+            f"none of the {len(faults)} faults of the chaos manifest falls in the analysed window "
+            f"{format_minute(time_range.start)} to {format_minute(time_range.end)}; pass the manifest of the chaos run "
+            "this store holds, or widen --start-ts/--end-ts"
+        )
     events = true_positive_events(forecasts.service_codes, forecasts.target_minutes, forecasts.true_positive)
     for event in events:
         event.fault = fault_of(table.services[forecasts.service_codes[event.position]], int(forecasts.target_minutes[event.position]), inside, horizon)

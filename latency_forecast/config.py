@@ -30,7 +30,8 @@ class StoreConfig:
 
     feature_store_path: str = _setting(
         "feature_store",
-        "feature store: a Parquet file or a directory of them (hive partitions allowed); "
+        "feature store: a Parquet file or a directory of them (hive partitions allowed), local or an "
+        "object-store URI such as s3://bucket/prefix (AWS_* variables; AWS_ENDPOINT_URL for MinIO, Ceph); "
         "generate the demo store with `python -m latency_forecast.synthetic`",
     )
 
@@ -402,7 +403,20 @@ class BacktestConfig:
         choices=("sliding", "expanding"),
     )
     jobs: int = _setting(
-        1, "folds trained at once, each in its own process with --num-threads torch threads (0: the cores divided by --jobs)"
+        1,
+        "folds trained at once, each in its own process (or Ray task) with --num-threads torch threads "
+        "(0: the cores divided by --jobs)",
+    )
+    executor: str = _setting(
+        "local",
+        "local: folds run in worker processes on this machine; ray: each fold is a Ray task asking for "
+        "--num-threads CPUs (and a share of the GPUs unless --device cpu); needs `pip install -r requirements-ray.txt`",
+        choices=("local", "ray"),
+    )
+    ray_address: str | None = _setting(
+        None,
+        "Ray cluster for --executor ray (auto, HOST:PORT or ray://HOST:10001; the package is shipped to its workers); "
+        "default: a local Ray instance, started for the run with --jobs times --num-threads CPUs and shut down after it",
     )
     output: str = _setting("artifacts/backtest.json", "path of backtest.json; backtest.png is written beside it")
 
@@ -416,6 +430,10 @@ class BacktestConfig:
                 f"--{_flag(name)} must be positive (at least one minute), got {value}",
             )
         _require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
+        _require(
+            self.ray_address is None or self.executor == "ray",
+            f"--ray-address {self.ray_address} is only used with --executor ray; add --executor ray or leave it out",
+        )
 
     @property
     def train_window_minutes(self) -> int:

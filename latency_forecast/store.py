@@ -24,27 +24,74 @@ PARQUET_SUFFIXES = (".parquet", ".parq")
 _BATCH_ROWS = 1 << 15  # rows per record batch while reading
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a path or URI (``s3://bucket/prefix``: the AWS_* variables, AWS_ENDPOINT_URL
+    included, are read by pyarrow) and the path inside it."""
     if "://" in path:
         try:
             return pafs.FileSystem.from_uri(path)
         except (pa.ArrowException, ValueError) as error:
             raise UserError(f"cannot open feature store {path}: {error}") from error
+        except OSError as error:  # S3 without a region asks the store for the bucket's region
+            raise _object_store_error(path, error) from error
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+# Words of the AWS SDK's errors (as pyarrow passes them on) -> what went wrong
+_OBJECT_STORE_PROBLEMS = (
+    ("missing bucket", ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist", "not found")),
+    ("denied", ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "credentials")),
+    ("unreachable", ("NETWORK_CONNECTION", "curlCode", "Could not resolve", "Failed to connect", "timed out")),
+)
+
+
+def _object_store_error(path: str, error: BaseException | None) -> UserError:
+    """The one-line error, with its fix, for an object store that cannot be listed (``error`` None:
+    the bucket does not exist)."""
+    detail = "" if error is None else _first_line(error)
+    problem = "missing bucket" if error is None else next(
+        (name for name, words in _OBJECT_STORE_PROBLEMS if any(word.lower() in detail.lower() for word in words)), None
+    )
+    if path.lower().startswith("s3://"):
+        variable = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+        endpoint = f"{variable}={os.environ[variable]}" if os.environ.get(variable) else "AWS (AWS_ENDPOINT_URL is unset)"
+        credentials = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    else:
+        endpoint, credentials = "the URI's host", "the filesystem's credentials"
+    if problem == "missing bucket":
+        bucket = path.split("://", 1)[1].split("/", 1)[0]
+        return UserError(f"bucket {bucket!r} does not exist at {endpoint}; create it, or fix the bucket in --feature-store-path {path}")
+    if problem == "denied":
+        return UserError(f"access to the feature store {path} was denied ({detail}); set {credentials} to credentials that may read it")
+    if problem == "unreachable":
+        return UserError(f"cannot reach the object store of {path} at {endpoint} ({detail}); check the endpoint and the network")
+    return UserError(f"cannot open the feature store {path}: {detail}; check the URI, {credentials} and the endpoint ({endpoint})")
 
 
 def _parquet_files(path: str) -> tuple[pafs.FileSystem, str, list[str]]:
     filesystem, root = _filesystem(path)
-    info = filesystem.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(
-            f"feature store {path} does not exist; create the demo store with "
-            f"`python -m latency_forecast.synthetic --output {path}` or pass --feature-store-path"
-        )
-    if info.type == pafs.FileType.File:
-        return filesystem, os.path.dirname(root), [root]
+    local = isinstance(filesystem, pafs.LocalFileSystem)
+    try:
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.NotFound and not local:
+            bucket = root.split("/", 1)[0]  # an object store's first level; empty for HDFS-like paths
+            if bucket and (bucket == root or filesystem.get_file_info(bucket).type == pafs.FileType.NotFound):
+                raise _object_store_error(path, None)
+            raise UserError(f"feature store {path} does not exist: nothing is stored under that prefix; check the prefix, or upload the store there")
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(
+                f"feature store {path} does not exist; create the demo store with "
+                f"`python -m latency_forecast.synthetic --output {path}` or pass --feature-store-path"
+            )
+        if info.type == pafs.FileType.File:
+            return filesystem, os.path.dirname(root), [root]
+        entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as error:
+        if local:
+            raise
+        raise _object_store_error(path, error) from error
     files = sorted(
         entry.path
-        for entry in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        for entry in entries
         if entry.type == pafs.FileType.File
         and entry.path.endswith(PARQUET_SUFFIXES)
         # hidden or underscore-prefixed parts (_SUCCESS, .staging) are not data
@@ -266,11 +313,17 @@ def _scan(dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | N
     """
     pool = pa.default_memory_pool()
     for fragment in dataset.get_fragments(filter=row_filter):
-        for part in fragment.split_by_row_group(filter=row_filter, schema=dataset.schema):
-            for batch in part.to_batches(schema=dataset.schema, columns=columns, filter=row_filter, batch_size=_BATCH_ROWS):
-                if batch.num_rows:
-                    yield batch
-            pool.release_unused()  # the allocator keeps pages freed across threads until asked
+        try:
+            for part in fragment.split_by_row_group(filter=row_filter, schema=dataset.schema):
+                for batch in part.to_batches(schema=dataset.schema, columns=columns, filter=row_filter, batch_size=_BATCH_ROWS):
+                    if batch.num_rows:
+                        yield batch
+                pool.release_unused()  # the allocator keeps pages freed across threads until asked
+        except (pa.ArrowException, OSError) as error:  # Arrow's message need not name the file
+            raise UserError(
+                f"cannot read {fragment.path} of the feature store: {_first_line(error)}; "
+                "rewrite or remove that file (every *.parquet file must be valid Parquet with the store's schema)"
+            ) from error
 
 
 def _minutes(stamps: pa.Array, unit: str) -> np.ndarray:
