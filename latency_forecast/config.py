@@ -70,6 +70,12 @@ class DataConfig:
     embargo_minutes: int = _setting(
         0, "gap between train, validation and test; 0 means the minimum, sequence length + horizon"
     )
+    target_scale: str = _setting(
+        "pooled",
+        "scale of the standardised log latency the network learns: pooled (one for all services, so a 2x "
+        "error costs the same everywhere) or service (each service's own spread)",
+        choices=("pooled", "service"),
+    )
     feature_transform: str = _setting(
         "log1p",
         "transform applied to features before standard scaling: log1p (signed, tames heavy-tailed "
@@ -371,6 +377,17 @@ class OutputConfig:
     """Where results go and how much is printed."""
 
     output_dir: str = _setting("artifacts", "directory for the checkpoint, metrics and plots")
+
+
+@dataclass
+class ResumeConfig:
+    """Continuing an interrupted train.py run."""
+
+    resume: bool = _setting(
+        False,
+        "continue the interrupted run into the same --output-dir from its last finished epoch "
+        "(the state is saved after every epoch); refused when the settings or the data differ",
+    )
 
 
 @dataclass

@@ -7,6 +7,9 @@ arithmetic, never copied out as ``(n, L, F)``. Reading and writing stores is ``s
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -150,28 +153,40 @@ def window_ends(table: SeriesTable, sequence_length: int, horizon: int) -> tuple
 
 @dataclass
 class LatestWindows:
-    """Each service's newest row, and whether the window of L minutes ending there can be forecast.
+    """Per service, its newest row and the newest window of L minutes that can be forecast.
 
-    row : (n_services,) int64 row index of the service's newest minute
-    complete : (n_services,) bool, the L minutes up to it are all present
-    finite : (n_services,) bool, every input in those minutes is finite
+    newest : (n_services,) int64 row index of the service's newest minute
+    row : (n_services,) int64 row index where the newest forecastable window ends (its ``as_of``),
+        -1 where no window ending at or after ``oldest_minute`` is complete with finite inputs
     """
 
+    newest: np.ndarray
     row: np.ndarray
-    complete: np.ndarray
-    finite: np.ndarray
 
 
-def latest_windows(table: SeriesTable, sequence_length: int) -> LatestWindows:
-    """The window ending at each service's newest minute (what a live forecast reads: no target)."""
+def latest_windows(table: SeriesTable, sequence_length: int, oldest_minute: int, latency_at_end: bool = False) -> LatestWindows:
+    """What a live forecast reads: for each service, the newest window whose L minutes are all
+    present with finite inputs (and, with ``latency_at_end``, a finite latency at its last minute),
+    ending no earlier than ``oldest_minute``. No target is read: a store whose newest minutes
+    lack a feature (a latency still being aggregated) is forecast from the newest window that
+    has them all."""
     bounds = table.service_bounds
-    last = bounds[1:] - 1
-    first = last - (sequence_length - 1)
-    complete = (first >= bounds[:-1]) & (table.minutes[last] - table.minutes[np.maximum(first, 0)] == sequence_length - 1)
-    finite = np.array(
-        [bool(np.isfinite(table.features[max(a, 0) : b + 1]).all()) for a, b in zip(first, last)], dtype=bool
-    )
-    return LatestWindows(last.astype(np.int64), complete, finite)
+    newest = (bounds[1:] - 1).astype(np.int64)
+    row = np.full(len(table.services), -1, dtype=np.int64)
+    for code in range(len(table.services)):
+        for end in range(int(newest[code]), int(bounds[code]) + sequence_length - 2, -1):
+            if table.minutes[end] < oldest_minute:
+                break
+            first = end - (sequence_length - 1)
+            if table.minutes[end] - table.minutes[first] != sequence_length - 1:
+                continue
+            if not np.isfinite(table.features[first : end + 1]).all():
+                continue
+            if latency_at_end and not np.isfinite(table.target[end]):
+                continue
+            row[code] = end
+            break
+    return LatestWindows(newest, row)
 
 
 @dataclass(frozen=True)
@@ -218,16 +233,22 @@ class Splits:
         return {name: getattr(self, name).as_dict() for name in ("train", "validation", "test")}
 
 
+def present_minutes(table: SeriesTable) -> np.ndarray:
+    """(n_minutes,) int64, sorted: the distinct minutes of the table's rows."""
+    first_minute = int(table.minutes.min())
+    return first_minute + np.flatnonzero(np.bincount(table.minutes - first_minute))  # np.unique, in linear time
+
+
 def fraction_splits(
-    table: SeriesTable, validation_fraction: float, test_fraction: float, embargo: int
+    table: SeriesTable, validation_fraction: float, test_fraction: float, embargo: int, present: np.ndarray | None = None
 ) -> Splits:
     """Train, validation, test by global time cut points, separated by ``embargo`` minutes.
 
     Cut points are quantiles of the minutes present in the store, so idle stretches (a store
-    holding two separate days) do not distort the shares.
+    holding two separate days) do not distort the shares. ``present``: the store's minutes
+    (:func:`present_minutes`) when ``table`` holds only some of its services (a torchrun rank's).
     """
-    first_minute = int(table.minutes.min())
-    present = first_minute + np.flatnonzero(np.bincount(table.minutes - first_minute))  # np.unique, in linear time
+    present = present_minutes(table) if present is None else present
     last = int(present[-1]) + 1
     cut_validation = int(present[int(len(present) * (1 - validation_fraction - test_fraction))])
     cut_test = int(present[min(len(present) - 1, int(len(present) * (1 - test_fraction)))])
@@ -316,12 +337,17 @@ class FeatureScaler:
 
 @dataclass
 class TargetNormalizer:
-    """Per-service standardisation of log1p(latency), from training rows only.
+    """Standardisation of log1p(latency) per service, from training rows only.
 
     Latency spans orders of magnitude across services (a 3 ms cache, an 800 ms gateway);
-    in log space a 2x spike is the same step everywhere. Median and IQR are used so that the
-    faults inside the training period do not inflate a service's scale. A service with fewer
-    than ``min_rows`` finite training targets uses the pooled statistics.
+    in log space a 2x spike is the same step everywhere. Each service is centred on its own
+    median, so the network sees every service around zero. The scale is one for all services
+    (the pooled robust spread) unless ``per_service_scale``: then a 2x error costs the same in
+    the loss on every service. A per-service scale made a calm service's 5% wobble as costly as
+    a bimodal service's 20x jump (whose IQR spans both modes), so the network ignored the
+    services that breach and extrapolated them wildly (docs/results.md). Median and IQR are used
+    so that the faults inside the training period do not move them much. A service with fewer
+    than ``min_rows`` finite training targets uses the pooled location.
     """
 
     location: np.ndarray  # (n_services,) float64
@@ -330,7 +356,7 @@ class TargetNormalizer:
     ceiling: float = 30.0  # largest log1p(latency) seen in training: forecasts never exceed it
 
     @classmethod
-    def fit(cls, table: SeriesTable, rows: np.ndarray, min_rows: int = 30) -> "TargetNormalizer":
+    def fit(cls, table: SeriesTable, rows: np.ndarray, per_service_scale: bool = False, min_rows: int = 30) -> "TargetNormalizer":
         log_target = np.log1p(np.maximum(table.target.astype(np.float64), 0.0))
         usable = rows & np.isfinite(log_target)
         if not usable.any():
@@ -342,7 +368,9 @@ class TargetNormalizer:
         for code in range(len(table.services)):
             values = log_target[bounds[code] : bounds[code + 1]][usable[bounds[code] : bounds[code + 1]]]
             if len(values) >= min_rows:
-                location[code], scale[code] = _robust_location_scale(values)
+                location[code], service_scale = _robust_location_scale(values)
+                if per_service_scale:
+                    scale[code] = service_scale
         return cls(location, scale, pooled, float(log_target[usable].max()))
 
     def normalize(self, latency_ms: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
@@ -387,6 +415,121 @@ def _robust_location_scale(values: np.ndarray) -> tuple[float, float]:
     return float(median), float(max((q75 - q25) / 1.349, 0.05))
 
 
+# ---------------------------------------------------------------------------------------------
+# Shards: a torchrun rank holds some services; these combine the ranks' statistics
+
+
+def with_services(table: SeriesTable, services: Sequence[str]) -> SeriesTable:
+    """``table`` with its service codes indexing ``services``, a sorted list holding all of its own:
+    a rank that read some of a store's services codes each service as every other rank does.
+    Services without rows get empty blocks (``service_bounds`` still holds)."""
+    if list(services) != sorted(services):
+        raise ValueError("services must be sorted, so that the rows stay sorted by (service, minute)")
+    position = {name: code for code, name in enumerate(services)}
+    missing = [name for name in table.services if name not in position]
+    if missing:
+        raise ValueError(f"services lacks the table's {missing}")
+    code_map = np.array([position[name] for name in table.services], dtype=np.int32)
+    return dataclasses.replace(table, service_codes=code_map[table.service_codes], services=list(services))
+
+
+def scaler_moments(scaler: FeatureScaler) -> np.ndarray:
+    """(3, n_features) float64: rows seen, mean and variance per feature of a fitted scaler (what
+    :func:`combine_scalers` merges)."""
+    fitted = scaler.scaler
+    counts = np.broadcast_to(np.asarray(fitted.n_samples_seen_, dtype=np.float64), fitted.mean_.shape)
+    return np.stack([counts, fitted.mean_, fitted.var_]).astype(np.float64)
+
+
+def combine_scalers(moments: Sequence[np.ndarray], transform_name: str) -> FeatureScaler:
+    """The scaler :meth:`FeatureScaler.fit` gives on all the shards' rows together, from each
+    shard's :func:`scaler_moments` (the pooled mean and variance of Chan, Golub and LeVeque: equal
+    to the one-process fit up to float64 rounding). A feature no shard saw is constant 0."""
+    stacked = np.stack([np.asarray(part, dtype=np.float64) for part in moments])  # (n_shards, 3, n_features)
+    counts = stacked[:, 0]
+    seen = counts > 0
+    means = np.where(seen, stacked[:, 1], 0.0)
+    variances = np.where(seen, stacked[:, 2], 0.0)
+    total = counts.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (counts * means).sum(axis=0) / total
+        var = (counts * (variances + (means - mean) ** 2)).sum(axis=0) / total
+    scaler = StandardScaler()
+    # StandardScaler's rule for a constant feature (its variance within float64 error of 0: scale 1)
+    eps = np.finfo(np.float64).eps
+    constant = var <= total * eps * var + (total * mean * eps) ** 2
+    scale = np.where(constant, 1.0, np.sqrt(var))
+    scaler.mean_ = np.nan_to_num(mean)
+    scaler.var_ = var
+    scaler.scale_ = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    scaler.n_samples_seen_ = total.astype(np.int64) if np.ptp(total) else np.int64(total[0])
+    scaler.n_features_in_ = len(mean)
+    return FeatureScaler(transform_name, scaler)
+
+
+@dataclass
+class TargetStatistics:
+    """One shard's part of a :class:`TargetNormalizer` (:func:`target_statistics`).
+
+    location, scale : (n_services,) float64, median and robust spread of log1p(latency) of the
+        services this shard fitted, 0 elsewhere
+    fitted : (n_services,) float64, 1 where this shard fitted the service (at least ``min_rows``
+        finite training targets), 0 elsewhere
+    log_targets : (k,) float64, the shard's finite training log1p(latency): all, or a seeded
+        uniform subsample
+    count : how many finite training targets the shard holds
+    ceiling : their maximum (-inf without any)
+    """
+
+    location: np.ndarray
+    scale: np.ndarray
+    fitted: np.ndarray
+    log_targets: np.ndarray
+    count: int
+    ceiling: float
+
+
+def target_statistics(
+    table: SeriesTable, rows: np.ndarray, min_rows: int = 30, sample_size: int | None = None, seed: int | Sequence[int] = 0
+) -> TargetStatistics:
+    """A shard's target statistics, each of its services fitted as :meth:`TargetNormalizer.fit`
+    fits it (a service lives in one shard, whole); ``sample_size`` caps the log targets kept for
+    the pooled median and IQR (None keeps all)."""
+    log_target = np.log1p(np.maximum(table.target.astype(np.float64), 0.0))
+    usable = rows & np.isfinite(log_target)
+    values = log_target[usable]
+    n_services = len(table.services)
+    location, scale, fitted = np.zeros(n_services), np.zeros(n_services), np.zeros(n_services)
+    bounds = table.service_bounds
+    for code in range(n_services):
+        service_values = log_target[bounds[code] : bounds[code + 1]][usable[bounds[code] : bounds[code + 1]]]
+        if len(service_values) >= min_rows:
+            location[code], scale[code] = _robust_location_scale(service_values)
+            fitted[code] = 1.0
+    kept = values
+    if sample_size is not None and sample_size < len(values):
+        kept = values[np.sort(np.random.default_rng(seed).choice(len(values), sample_size, replace=False))]
+    return TargetStatistics(location, scale, fitted, kept, len(values), float(values.max()) if len(values) else -np.inf)
+
+
+def combine_target_statistics(parts: Sequence[TargetStatistics], per_service_scale: bool = False) -> TargetNormalizer:
+    """The normaliser :meth:`TargetNormalizer.fit` gives on all the shards' rows together: each
+    service's location (and with ``per_service_scale`` its scale) from the shard that fitted it,
+    the pooled median and IQR of the shards' log targets (exact when every shard kept all of them),
+    the largest ceiling."""
+    if sum(part.count for part in parts) == 0:
+        raise UserError("no finite target_latency_p99 in the training period; the target cannot be learned")
+    pooled = _robust_location_scale(np.concatenate([part.log_targets for part in parts]))
+    fitted = np.sum([part.fitted for part in parts], axis=0)
+    if (fitted > 1).any():
+        raise ValueError("a service was fitted by more than one shard; shards must hold disjoint services")
+    location = np.where(fitted > 0, np.sum([part.location for part in parts], axis=0), pooled[0])
+    scale = np.full(len(fitted), pooled[1])
+    if per_service_scale:
+        scale = np.where(fitted > 0, np.sum([part.scale for part in parts], axis=0), pooled[1])
+    return TargetNormalizer(location, scale, pooled, max(part.ceiling for part in parts))
+
+
 def rows_in(table: SeriesTable, time_range: TimeRange) -> np.ndarray:
     """Boolean mask of the rows whose minute lies in the range."""
     return (table.minutes >= time_range.start) & (table.minutes < time_range.end)
@@ -415,3 +558,14 @@ def table_in(table: SeriesTable, time_range: TimeRange) -> SeriesTable:
 def span(table: SeriesTable) -> TimeRange:
     """The minutes the table covers: its first minute to one past its last."""
     return TimeRange(int(table.minutes.min()), int(table.minutes.max()) + 1)
+
+
+def fingerprint(table: SeriesTable, settings: Sequence[object]) -> str:
+    """A digest of a table (every service, minute, feature and latency value) and the settings
+    dataclasses a run used: two runs share it exactly when they train on the same thing."""
+    digest = hashlib.blake2b(digest_size=16)
+    described = [(type(item).__name__, dataclasses.asdict(item)) for item in settings]  # type: ignore[call-overload]
+    digest.update(json.dumps([table.services, table.feature_columns, described], sort_keys=True, default=str).encode())
+    for array in (table.minutes, table.service_codes, table.features, table.target):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()

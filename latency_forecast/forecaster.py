@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from latency_forecast import artifacts, config, data, training
+from latency_forecast import artifacts, config, data, distributed, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
 from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.data import FeatureScaler, SeriesTable, TargetNormalizer, TimeRange
@@ -101,6 +101,7 @@ class Forecaster:
     store_config: StoreConfig | None = None
     time_range_config: TimeRangeConfig | None = None
     alert_config: AlertConfig | None = None
+    run_id: str | None = None  # the train.py run that wrote it (metrics.json has the same)
 
     @property
     def explained_model(self) -> LatencyForecaster:
@@ -187,6 +188,7 @@ class Forecaster:
             "cause_model_state_dict": None if self.cause_model is None else _cpu_state(self.cause_model),
             "explain_background": None if self.background is None else self.background.state(),
             "scaler_fingerprint": scaler_fingerprint(self.scaler.state(self.feature_columns)),
+            "run_id": self.run_id,
         }
 
     @classmethod
@@ -238,6 +240,7 @@ class Forecaster:
             config.from_dict(StoreConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(TimeRangeConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(AlertConfig, settings["alert"]) if "alert" in settings else None,
+            checkpoint.get("run_id"),
         )
 
     @classmethod
@@ -329,8 +332,8 @@ def untrained_forecaster(
     device = training.resolve_device(training_config.device)
     training.configure_threads(training_config.num_threads)
     fit_rows = data.rows_in(table, fit_range)
-    scaler = FeatureScaler(data_config.feature_transform).fit(table.features, fit_rows)
-    normalizer = TargetNormalizer.fit(table, fit_rows)
+    # under torchrun, of every rank's rows together (each rank holds its own services)
+    scaler, normalizer = distributed.fit_statistics(table, fit_rows, data_config, training_config.seed)
     torch.manual_seed(training_config.seed)
     model = build_model(table.feature_columns, len(table.services), model_config, normalizer).to(device)
     return Forecaster(
@@ -359,13 +362,15 @@ def fit_forecaster(
     log: Callable[[str], None] = print,
     latency_thresholds: LatencyThresholds | None = None,
     inplace: bool = False,
+    resume: training.ResumeFile | None = None,
 ) -> tuple[Forecaster, PreparedSeries, list[dict]]:
     """Fit scalers on ``fit_range`` rows only, then train with early stopping on ``stop_range``.
 
     The returned forecaster alerts with the uncalibrated rule (see ``evaluation.calibrated_evaluation``).
     Returns the forecaster, the table prepared for it, and the per-epoch history.
     ``inplace`` (for callers that own ``table``) scales its features in their own memory
-    instead of a second copy of the feature matrix.
+    instead of a second copy of the feature matrix. ``resume`` saves the fit's state after every
+    epoch and continues from a state saved there by an interrupted run.
     """
     forecaster = untrained_forecaster(table, fit_range, data_config, model_config, training_config, latency_thresholds)
     prepared = forecaster.prepare(table, inplace=inplace)
@@ -377,7 +382,7 @@ def fit_forecaster(
         )
     train_ends = prepared.samples(fit_range, "training")
     stop_ends = prepared.samples(stop_range, "early-stopping (validation)")
-    history = training.fit(forecaster.model, prepared.tensors, train_ends, stop_ends, training_config, progress, log)
+    history = training.fit(forecaster.model, prepared.tensors, train_ends, stop_ends, training_config, progress, log, resume)
     return forecaster, prepared, history
 
 
@@ -388,6 +393,7 @@ def fit_cause_model(
     stop_ends: np.ndarray,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume: training.ResumeFile | None = None,
 ) -> list[dict]:
     """Train ``forecaster.cause_model`` on the forecaster's samples; returns its per-epoch history.
 
@@ -409,6 +415,6 @@ def fit_cause_model(
     model = build_cause_model(forecaster.feature_columns, len(forecaster.services), forecaster.model_config, forecaster.target_normalizer)
     model.to(forecaster.device)
     settings = dataclasses.replace(training_config, patience=max(training_config.patience, CAUSE_MODEL_MIN_PATIENCE))
-    history = training.fit(model, prepared.tensors, train_ends, stop_ends, settings, progress, log)
+    history = training.fit(model, prepared.tensors, train_ends, stop_ends, settings, progress, log, resume)
     forecaster.cause_model = model
     return history

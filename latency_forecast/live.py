@@ -56,14 +56,15 @@ def forecast_report(
     newest_elsewhere : the newest minute, before the rows of ``table``, of checkpoint services
         that have no row in it (they are stale); a service in neither is ``missing``
 
-    A service is forecast from the window of L minutes ending at its newest minute ``t <= at``
-    (``as_of``): ``stale`` when ``at - t`` exceeds ``max_staleness_minutes``, ``gap`` when a minute
-    of the window is missing or an input is not finite (or, for a model anchored at the latency at
-    t, that latency is NaN).
+    A service is forecast from the newest window of L minutes ending at a minute ``t <= at``
+    (``as_of``) that is complete with finite inputs (for a model anchored at the latency at t,
+    with that latency too) and at most ``max_staleness_minutes`` before ``at``: newest minutes
+    whose latency or telemetry has not arrived yet are skipped. ``stale`` when the service's
+    newest minute is older than that, ``gap`` when no window in those minutes can be forecast.
     """
     horizon, length = forecaster.data_config.horizon, forecaster.data_config.sequence_length
     prepared = forecaster.prepare(table, inplace=True)
-    latest = data.latest_windows(table, length)
+    latest = data.latest_windows(table, length, at - max_staleness_minutes, latency_at_end=forecaster.model.anchored)
     code_of = {name: code for code, name in enumerate(table.services)}
     entries: dict[str, dict[str, Any]] = {}
     for service in forecaster.services:
@@ -71,19 +72,17 @@ def forecast_report(
             stale_at = newest_elsewhere.get(service)
             entries[service] = _entry(service, "missing" if stale_at is None else "stale", stale_at, horizon)
             continue
-        row = int(latest.row[code_of[service]])
-        minute = int(table.minutes[row])
-        status = "ok"
-        if at - minute > max_staleness_minutes:
-            status = "stale"
-        elif not (latest.complete[code_of[service]] and latest.finite[code_of[service]]):
-            status = "gap"
-        elif forecaster.model.anchored and not np.isfinite(table.target[row]):
-            status = "gap"
-        entries[service] = _entry(service, status, minute, horizon)
-        entries[service]["current_latency_ms"] = _finite(table.target[row])
+        code = code_of[service]
+        newest, row = int(latest.newest[code]), int(latest.row[code])
+        if at - int(table.minutes[newest]) > max_staleness_minutes:
+            entries[service] = _entry(service, "stale", int(table.minutes[newest]), horizon)
+        elif row < 0:
+            entries[service] = _entry(service, "gap", int(table.minutes[newest]), horizon)
+        else:
+            entries[service] = _entry(service, "ok", int(table.minutes[row]), horizon)
+            entries[service]["current_latency_ms"] = _finite(table.target[row])
     for service in prepared.unknown_services:
-        entries[service] = _entry(service, "unknown_service", int(table.minutes[latest.row[code_of[service]]]), horizon)
+        entries[service] = _entry(service, "unknown_service", int(table.minutes[latest.newest[code_of[service]]]), horizon)
 
     ok = [service for service in forecaster.services if entries[service]["status"] == "ok"]
     ends = np.array([latest.row[code_of[service]] for service in ok], dtype=np.int64)

@@ -76,10 +76,23 @@ def test_latest_windows_by_hand(tmp_path):
     frame.loc[(frame["service"] == "c") & (frame["timestamp"] == pd.Timestamp("2024-05-01T00:07Z")), "cpu"] = np.nan
     frame = frame[(frame["service"] != "d") | (frame["timestamp"] < pd.Timestamp("2024-05-01T00:02Z"))]
     table = table_of(frame, tmp_path)
-    latest = data.latest_windows(table, 3)
-    assert (table.minutes[latest.row] - START).tolist() == [9, 9, 9, 1]
-    assert latest.complete.tolist() == [True, False, True, False]  # b misses minute 8; d has 2 minutes only
-    assert latest.finite[[0, 1]].tolist() == [True, True] and not latest.finite[2]
+    latest = data.latest_windows(table, 3, START)
+    assert (table.minutes[latest.newest] - START).tolist() == [9, 9, 9, 1]
+    # b misses minute 8 (so its newest complete window ends at 7), c has a NaN at 7, d 2 minutes only
+    assert (table.minutes[latest.row[:3]] - START).tolist() == [9, 7, 6] and latest.row[3] == -1
+    assert latest_rows(data.latest_windows(table, 3, START + 8)) == [9, None, None, None]  # none older than 8
+
+
+def latest_rows(latest) -> list:
+    return [None if row < 0 else int(row % 10) for row in latest.row]
+
+
+def test_latest_windows_skip_newest_minutes_without_latency_when_anchored(tmp_path):
+    frame = hand_frame(services=("a",), minutes=10)
+    frame.loc[frame.index[-2:], "target_latency_p99"] = np.nan  # not aggregated yet
+    table = table_of(frame, tmp_path, feature_columns=["cpu"])
+    assert latest_rows(data.latest_windows(table, 3, START)) == [9]  # the latency is not an input
+    assert latest_rows(data.latest_windows(table, 3, START, latency_at_end=True)) == [7]
 
 
 def test_samples_in_keeps_whole_spans_and_require_names_the_period(tmp_path):
@@ -185,11 +198,15 @@ def test_scaler_state_rebuilds_a_fitted_standard_scaler(tiny_store, tmp_path):
     )
 
 
-def test_target_normalizer_is_per_service_and_inverts(tmp_path):
+def test_target_normalizer_centres_each_service_on_one_scale_and_inverts(tmp_path):
     table = table_of(hand_frame(services=("fast", "slow"), minutes=200), tmp_path)
     table.target[table.service_codes == 1] *= 100
+    table.target[np.flatnonzero(table.service_codes == 1)[::2]] *= 20  # bimodal: a wide spread of its own
     normalizer = data.TargetNormalizer.fit(table, np.ones(len(table), dtype=bool))
     assert normalizer.location[1] - normalizer.location[0] > 3
+    assert normalizer.scale.tolist() == [normalizer.pooled[1]] * 2
+    own = data.TargetNormalizer.fit(table, np.ones(len(table), dtype=bool), per_service_scale=True)
+    assert own.scale[1] > 2 * own.scale[0] and own.location.tolist() == normalizer.location.tolist()
     z = normalizer.normalize(table.target, table.service_codes)
     assert abs(np.median(z[table.service_codes == 0])) < 0.1 and abs(np.median(z[table.service_codes == 1])) < 0.1
     np.testing.assert_allclose(normalizer.denormalize(z, table.service_codes), table.target, rtol=1e-4)
