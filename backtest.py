@@ -57,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if backtest_config.executor == "ray":
         backtesting.import_ray()  # a missing Ray fails before the store is read
     directory, json_name, figure_name = _output_paths(backtest_config.output)
+    with artifacts.output_lock(directory, "--output directory"):  # one backtest or train.py run at a time
+        _backtest(store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,
+                  backtest_config, progress, thresholds, directory, json_name, figure_name)
+    return 0
+
+
+def _backtest(store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,
+              backtest_config, progress, thresholds, directory: str, json_name: str, figure_name: str) -> None:
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
 
@@ -107,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage.write_json(json_name, report)
         stage.save_figure(figure_name, plots.backtest_folds(report["folds"]))
     _print_summary(report, os.path.join(directory, json_name), time.perf_counter() - started)
-    return 0
 
 
 def _print_summary(report: dict, path: str, seconds: float) -> None:

@@ -7,12 +7,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 import time
 from typing import Sequence
 
-from latency_forecast import alerting, artifacts, config, data, evaluation, explain, forecaster, plots, store
+import numpy as np
+
+from latency_forecast import alerting, artifacts, config, data, distributed, errors, evaluation, explain, forecaster, plots, store, training
 from latency_forecast.config import (
     AlertConfig,
     BaselineConfig,
@@ -22,16 +26,18 @@ from latency_forecast.config import (
     ModelConfig,
     OutputConfig,
     ProgressConfig,
+    ResumeConfig,
     StoreConfig,
     TimeRangeConfig,
     TrainingConfig,
 )
-from latency_forecast.errors import cli_entrypoint, warn
+from latency_forecast.errors import UserError, cli_entrypoint, warn
 
 CONFIGS = (
     StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig,
-    ImportanceConfig, ExplainConfig, OutputConfig, ProgressConfig,
+    ImportanceConfig, ExplainConfig, OutputConfig, ResumeConfig, ProgressConfig,
 )
+RESUME_DIR = ".resume"  # inside --output-dir: the state of each fit after its last finished epoch
 
 
 def build_parser() -> config.ArgumentParser:
@@ -42,86 +48,130 @@ def build_parser() -> config.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     (store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,
-     importance_config, explain_config, output, progress) = config.from_args(args, *CONFIGS)
+     importance_config, explain_config, output, resume, progress) = config.from_args(args, *CONFIGS)
     thresholds = alerting.read_latency_thresholds(data_config)
     alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
     log = (lambda message: None) if progress.quiet else print
-    started = time.perf_counter()
+    errors.stop_on_sigterm("the state after the last finished epoch is saved: rerun the same command with --resume")
+    # Under torchrun every rank trains on its own services; rank 0 then evaluates and writes the
+    # artifacts on the whole store, the others exit quietly. Without torchrun: one rank.
+    ranks = distributed.init_from_env(training_config.device)
+    if not ranks.is_main:
+        log = lambda message: None  # noqa: E731
+    with artifacts.output_lock(output.output_dir, "train.py") if ranks.is_main else contextlib.nullcontext():
+        started = time.perf_counter()
 
-    table = store.load_store(store_config, time_range, data_config.feature_columns)
-    unknown = sorted(set(thresholds.per_service) - set(table.services))
-    if unknown:
-        warn(f"--latency-thresholds names services not in the store: {', '.join(unknown)}")
-    splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
-    log(
-        f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features "
-        f"({', '.join(table.feature_columns)})"
-    )
-    trained, prepared, history = forecaster.fit_forecaster(
-        table, splits.train, splits.validation, data_config, model_config, training_config, not progress.quiet, log, thresholds,
-        inplace=True,  # the raw features are not needed again
-    )
-    trained.store_config, trained.time_range_config, trained.alert_config = store_config, time_range, alert_config
-    split_ends = {name: prepared.samples(getattr(splits, name), name) for name in ("train", "validation", "test")}
-
-    baselines = evaluation.fit_baselines(trained, prepared, split_ends["train"], baseline_config)
-    # The operating point is chosen on validation; the test split only measures it.
-    validation, trained.alert = evaluation.calibrated_evaluation(trained, prepared, split_ends["validation"], alert_config, baselines)
-    if trained.alert.negatives_needed and trained.alert.validation_negatives < trained.alert.negatives_needed:
-        warn(
-            f"validation holds {trained.alert.validation_negatives:,} non-breach samples; a --target-fpr of "
-            f"{alert_config.target_fpr:g} needs {trained.alert.negatives_needed:,} to mean something "
-            "(the calibrated threshold is conservative); use a longer store or a larger --validation-fraction"
-        )
-    evaluations = {"validation": validation, "test": evaluation.evaluate(trained, prepared, split_ends["test"], baselines)}
-    report = {
-        **evaluation.metrics_report(trained, evaluations, table.services, alert_config),
-        "data": {
-            "splits": splits.as_dict(),
-            "windows": prepared.counts.as_dict(),
-            "invalid_values": table.invalid_values,
-            "samples": {name: int(len(ends)) for name, ends in split_ends.items()},
-            "services": table.services,
-            "feature_columns": table.feature_columns,
-            "latency_thresholds": thresholds.as_dict(),
-        },
-    }
-    explainable = True
-    if forecaster.reads_latency_history(trained.feature_columns):
-        if forecaster.cause_columns(trained.feature_columns):
-            log("training the cause model that explains the forecasts (level forecast from the telemetry features alone)")
-            cause_history = forecaster.fit_cause_model(trained, prepared, split_ends["train"], split_ends["validation"], not progress.quiet, log)
-            report["cause_model"] = {"purpose": forecaster.CAUSE_MODEL_PURPOSE, "history": cause_history}
+        if ranks.world_size > 1:
+            table, present = distributed.load_shard(store_config, time_range, data_config.feature_columns, ranks)
         else:
-            explainable = False
-            warn(f"no telemetry features besides {config.TARGET_COLUMN}: nothing to explain the forecasts with")
-    trained.background = explain.build_background(
-        prepared.tensors, split_ends["train"], len(trained.services), importance_config.background_size, training_config.seed
-    )
-    importance = None
-    if importance_config.shap_samples and explainable:
-        explain_started = time.perf_counter()
-        importance = explain.feature_importance(
-            trained, prepared, validation.ends, validation.alert, trained.background,
-            importance_config.shap_samples, explain_config, training_config.seed,
+            table, present = store.load_store(store_config, time_range, data_config.feature_columns), None
+        unknown = sorted(set(thresholds.per_service) - set(table.services))
+        if unknown and ranks.is_main:
+            warn(f"--latency-thresholds names services not in the store: {', '.join(unknown)}")
+        splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo, present)
+        # what a resumed run must share with the interrupted one (before the features are scaled in place)
+        run_id = distributed.joint_digest(data.fingerprint(table, [
+            store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config, importance_config, explain_config,
+        ]))
+        resume_dir = os.path.join(output.output_dir, RESUME_DIR)
+        if not resume.resume:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+        elif not os.path.isdir(resume_dir):
+            raise UserError(f"--resume: {output.output_dir} holds no interrupted run to continue; run without --resume")
+        log(
+            f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features "
+            f"({', '.join(table.feature_columns)})"
         )
-        log(f"explained {importance['n_windows']} validation windows in {time.perf_counter() - explain_started:.1f}s")
-    test = evaluations["test"]
-    with artifacts.staged(output.output_dir) as stage:
-        stage.save_torch("latency_forecaster.pt", trained.checkpoint())
-        stage.save_torch("scaler.pt", trained.scaler.state(table.feature_columns))
-        stage.write_json("metrics.json", report)
-        stage.write_json("training_history.json", history)
-        stage.write_json(
-            "config.json", {**trained.settings, "importance": config.to_dict(importance_config), "explain": config.to_dict(explain_config)}
+        if ranks.world_size > 1:
+            held = int(np.count_nonzero(np.diff(table.service_bounds)))
+            log(f"torchrun: {ranks.world_size} ranks, each training on its own services (rank 0: {held}, the rows above); rank 0 evaluates all")
+        trained, prepared, history = forecaster.fit_forecaster(
+            table, splits.train, splits.validation, data_config, model_config, training_config, not progress.quiet, log, thresholds,
+            inplace=True,  # the raw features are not needed again
+            resume=training.ResumeFile(os.path.join(resume_dir, "forecaster.pt"), run_id),
         )
-        if importance is not None:
-            stage.write_json("feature_importance.json", importance)
-            stage.save_figure("feature_importance.png", plots.feature_importance(importance))
-        stage.save_figure("loss_curve.png", plots.loss_curve(history))
-        stage.save_figure("forecast_vs_actual.png", plots.forecast_vs_actual(evaluation.forecast_panels(test, table.services), data_config.horizon))
-        curves, points = evaluation.tradeoff_curves(test, report["alerting"]["test"])
-        stage.save_figure("alert_tradeoff.png", plots.alert_tradeoff(curves, points, alert_config.target_fpr or None))
+        trained.run_id = run_id
+        trained.store_config, trained.time_range_config, trained.alert_config = store_config, time_range, alert_config
+        # the cause model trains before the evaluation: under torchrun every rank takes part in it
+        cause_history, explainable = None, True
+        if forecaster.reads_latency_history(trained.feature_columns):
+            if forecaster.cause_columns(trained.feature_columns):
+                log("training the cause model that explains the forecasts (level forecast from the telemetry features alone)")
+                cause_history = forecaster.fit_cause_model(
+                    trained, prepared, prepared.samples(splits.train, "train"), prepared.samples(splits.validation, "validation"),
+                    not progress.quiet, log, resume=training.ResumeFile(os.path.join(resume_dir, "cause_model.pt"), run_id),
+                )
+            else:
+                explainable = False
+                if ranks.is_main:
+                    warn(f"no telemetry features besides {config.TARGET_COLUMN}: nothing to explain the forecasts with")
+        distributed.barrier()  # under torchrun: every rank has finished training, the process group is done
+        distributed.close()
+        if ranks.world_size > 1:
+            if not ranks.is_main:
+                return 0
+            del table, prepared  # rank 0's services only: evaluate on every service
+            table = store.load_store(store_config, time_range, data_config.feature_columns)
+            prepared = trained.prepare(table, inplace=True)
+        split_ends = {name: prepared.samples(getattr(splits, name), name) for name in ("train", "validation", "test")}
+
+        baselines = evaluation.fit_baselines(trained, prepared, split_ends["train"], baseline_config)
+        # The operating point is chosen on validation; the test split only measures it.
+        validation, trained.alert = evaluation.calibrated_evaluation(trained, prepared, split_ends["validation"], alert_config, baselines)
+        if trained.alert.negatives_needed and trained.alert.validation_negatives < trained.alert.negatives_needed:
+            warn(
+                f"validation holds {trained.alert.validation_negatives:,} non-breach samples; a --target-fpr of "
+                f"{alert_config.target_fpr:g} needs {trained.alert.negatives_needed:,} to mean something "
+                "(the calibrated threshold is conservative); use a longer store or a larger --validation-fraction"
+            )
+        evaluations = {"validation": validation, "test": evaluation.evaluate(trained, prepared, split_ends["test"], baselines)}
+        report = {
+            "run_id": run_id,
+            **evaluation.metrics_report(trained, evaluations, table.services, alert_config),
+            "data": {
+                "splits": splits.as_dict(),
+                "windows": prepared.counts.as_dict(),
+                "invalid_values": table.invalid_values,
+                "samples": {name: int(len(ends)) for name, ends in split_ends.items()},
+                "services": table.services,
+                "feature_columns": table.feature_columns,
+                "latency_thresholds": thresholds.as_dict(),
+            },
+        }
+        if cause_history is not None:
+            # without the epochs' wall times (training_history.json has those): metrics.json is reproducible
+            report["cause_model"] = {
+                "purpose": forecaster.CAUSE_MODEL_PURPOSE,
+                "history": [{key: value for key, value in epoch.items() if key != "seconds"} for epoch in cause_history],
+            }
+        trained.background = explain.build_background(
+            prepared.tensors, split_ends["train"], len(trained.services), importance_config.background_size, training_config.seed
+        )
+        importance = None
+        if importance_config.shap_samples and explainable:
+            explain_started = time.perf_counter()
+            importance = explain.feature_importance(
+                trained, prepared, validation.ends, validation.alert, trained.background,
+                importance_config.shap_samples, explain_config, training_config.seed,
+            )
+            log(f"explained {importance['n_windows']} validation windows in {time.perf_counter() - explain_started:.1f}s")
+        test = evaluations["test"]
+        with artifacts.staged(output.output_dir) as stage:
+            stage.save_torch("latency_forecaster.pt", trained.checkpoint())
+            stage.save_torch("scaler.pt", trained.scaler.state(table.feature_columns))
+            stage.write_json("metrics.json", report)
+            stage.write_json("training_history.json", history)
+            stage.write_json(
+                "config.json", {**trained.settings, "importance": config.to_dict(importance_config), "explain": config.to_dict(explain_config)}
+            )
+            if importance is not None:
+                stage.write_json("feature_importance.json", importance)
+                stage.save_figure("feature_importance.png", plots.feature_importance(importance))
+            stage.save_figure("loss_curve.png", plots.loss_curve(history))
+            stage.save_figure("forecast_vs_actual.png", plots.forecast_vs_actual(evaluation.forecast_panels(test, table.services), data_config.horizon))
+            curves, points = evaluation.tradeoff_curves(test, report["alerting"]["test"])
+            stage.save_figure("alert_tradeoff.png", plots.alert_tradeoff(curves, points, alert_config.target_fpr or None))
+        shutil.rmtree(resume_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     _print_summary(report, output.output_dir, time.perf_counter() - started)
     if importance is not None:
         shares = sorted(importance["normalized"].items(), key=lambda item: -item[1])[:3]

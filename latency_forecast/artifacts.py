@@ -1,13 +1,20 @@
-"""Everything written to disk and torch files read back: atomic JSON/PNG/torch files, staged runs.
+"""Everything written to disk and torch files read back: atomic JSON/PNG/torch files, staged
+runs, the output directory's lock.
 
 A run stages its outputs in a hidden directory and moves them into place only when it has
 succeeded, so a failed or interrupted run never leaves a half-written file and never touches
-the artifacts of an earlier good run.
+the artifacts of an earlier good run. POSIX cannot rename several files at once, so the move is
+a commit with roll-forward: a ``.commit`` file in the staging directory, written atomically once
+every file is there, says "these files are the new run". A process killed between two renames
+leaves that staging directory behind, and :func:`recover` (run by the next writer under the
+lock, and by every loader) finishes the renames; a staging directory without ``.commit`` is an
+unfinished run, and is removed once the process that made it is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -68,6 +75,11 @@ def write_text(text: str, path: str) -> None:
     _atomic(path, lambda stream: stream.write(text))
 
 
+def save_torch_atomic(value: dict, path: str) -> None:
+    """``torch.save`` to ``path`` atomically: a kill mid-write leaves the previous file."""
+    _atomic(path, lambda stream: torch.save(value, stream), mode="wb")
+
+
 def write_json(value: Any, path: str) -> None:
     write_text(json.dumps(_clean(value), indent=2, default=_json_default, allow_nan=False) + "\n", path)
 
@@ -93,21 +105,107 @@ class Stage:
         figure.savefig(self.path(name), dpi=110, bbox_inches="tight")
 
 
+STAGING_PREFIX = ".staging-"
+COMMIT_MARKER = ".commit"
+
+
+def _output_directory_error(output_dir: str, error: OSError) -> UserError:
+    return UserError(f"cannot write to output directory {output_dir}: {error.strerror}; choose another path")
+
+
 @contextlib.contextmanager
 def staged(output_dir: str) -> Iterator[Stage]:
-    """Stage a run's files; on success move each into ``output_dir``, on failure drop them all."""
+    """Stage a run's files; on success commit them into ``output_dir``, on failure drop them all."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
+        staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir)
     except OSError as error:
-        raise UserError(f"cannot write to output directory {output_dir}: {error.strerror}; choose another path") from error
+        raise _output_directory_error(output_dir, error) from error
+    committed = False
     try:
         stage = Stage(staging)
         yield stage
-        for name in dict.fromkeys(stage.names):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        write_json(list(dict.fromkeys(stage.names)), os.path.join(staging, COMMIT_MARKER))
+        committed = True  # from here on the files are the new run: a kill is rolled forward by recover()
+        _finish_commit(staging, output_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not committed:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_commit(staging: str, output_dir: str) -> None:
+    """Move a committed staging directory's files into place (those not moved yet), then drop it."""
+    with open(os.path.join(staging, COMMIT_MARKER)) as stream:
+        names = json.load(stream)
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):  # moved before an interruption, or by a concurrent recover()
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    os.remove(os.path.join(staging, COMMIT_MARKER))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover(output_dir: str) -> None:
+    """Finish the commits that a killed run left half done in ``output_dir`` and remove the
+    staging directories of runs that died before committing. Safe to call any time."""
+    if not os.path.isdir(output_dir):
+        return
+    try:
+        for entry in sorted(os.scandir(output_dir), key=lambda item: item.stat().st_mtime):
+            if not (entry.name.startswith(STAGING_PREFIX) and entry.is_dir()):
+                continue
+            if os.path.exists(os.path.join(entry.path, COMMIT_MARKER)):
+                _finish_commit(entry.path, output_dir)
+                continue
+            pid = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    except FileNotFoundError:  # a concurrent recover() got there first
+        pass
+    except OSError as error:
+        raise UserError(
+            f"{output_dir} holds the files of an interrupted run that cannot be moved into place ({error.strerror}); "
+            "run train.py again with this --output-dir as a user who can write there"
+        ) from error
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str, flag: str = "--output-dir") -> Iterator[None]:
+    """Hold ``output_dir``'s lock for one run: a second run into it is refused, never interleaved.
+
+    The lock is ``flock`` on the directory itself: no lock file to go stale, and it dies with its
+    process, kill -9 included. Under the lock, what an earlier killed run left is recovered first.
+    A directory made for the run is removed again when the run wrote nothing into it.
+    """
+    created = not os.path.isdir(output_dir)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise _output_directory_error(output_dir, error) from error
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another run (train.py or backtest.py) is writing into {output_dir}; wait for it to finish or choose another {flag}"
+            ) from None
+        recover(output_dir)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something
+                os.rmdir(output_dir)
 
 
 @contextlib.contextmanager
@@ -136,7 +234,9 @@ def replace_directory(staging: str, target: str) -> None:
 
 
 def load_torch(path: str, what: str, flag: str) -> dict:
-    """A dict saved with ``torch.save``, loaded with ``weights_only=True`` (no pickled code runs)."""
+    """A dict saved with ``torch.save``, loaded with ``weights_only=True`` (no pickled code runs);
+    a commit that a killed run left half done beside it is finished first."""
+    recover(os.path.dirname(os.path.abspath(path)))
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist; run train.py first or pass {flag}")
     try:

@@ -354,6 +354,7 @@ class TargetNormalizer:
     scale: np.ndarray  # (n_services,) float64
     pooled: tuple[float, float] = (0.0, 1.0)  # location and scale over all services
     ceiling: float = 30.0  # largest log1p(latency) seen in training: forecasts never exceed it
+    spread: np.ndarray | None = None  # (n_services,) each service's own robust spread, what a spike is measured in
 
     @classmethod
     def fit(cls, table: SeriesTable, rows: np.ndarray, per_service_scale: bool = False, min_rows: int = 30) -> "TargetNormalizer":
@@ -364,14 +365,20 @@ class TargetNormalizer:
         pooled = _robust_location_scale(log_target[usable])
         bounds = table.service_bounds
         location = np.full(len(table.services), pooled[0])
-        scale = np.full(len(table.services), pooled[1])
+        spread = np.full(len(table.services), pooled[1])
         for code in range(len(table.services)):
             values = log_target[bounds[code] : bounds[code + 1]][usable[bounds[code] : bounds[code + 1]]]
             if len(values) >= min_rows:
-                location[code], service_scale = _robust_location_scale(values)
-                if per_service_scale:
-                    scale[code] = service_scale
-        return cls(location, scale, pooled, float(log_target[usable].max()))
+                location[code], spread[code] = _robust_location_scale(values)
+        scale = spread.copy() if per_service_scale else np.full(len(table.services), pooled[1])
+        return cls(location, scale, pooled, float(log_target[usable].max()), spread)
+
+    def spikes(self, latency_ms: np.ndarray, service_codes: np.ndarray, z: float) -> np.ndarray:
+        """(n,) bool: the latency lies more than ``z`` of its service's own robust standard
+        deviations above its median (what a spike is, whatever scale the network learns in)."""
+        spread = self.spread if self.spread is not None else self.scale
+        with np.errstate(invalid="ignore"):
+            return np.log1p(np.maximum(latency_ms.astype(np.float64), 0.0)) > self.location[service_codes] + z * spread[service_codes]
 
     def normalize(self, latency_ms: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
         """(n,) float32; computed in float64 by chunks, so a long store needs no n-row float64 copies."""
@@ -398,6 +405,7 @@ class TargetNormalizer:
             "scale": self.scale.tolist(),
             "pooled": list(self.pooled),
             "ceiling": self.ceiling,
+            "spread": None if self.spread is None else self.spread.tolist(),
         }
 
     @classmethod
@@ -407,6 +415,7 @@ class TargetNormalizer:
             np.asarray(state["scale"], dtype=np.float64),
             (float(state["pooled"][0]), float(state["pooled"][1])),
             float(state["ceiling"]),
+            None if state.get("spread") is None else np.asarray(state["spread"], dtype=np.float64),
         )
 
 
@@ -514,9 +523,9 @@ def target_statistics(
 
 def combine_target_statistics(parts: Sequence[TargetStatistics], per_service_scale: bool = False) -> TargetNormalizer:
     """The normaliser :meth:`TargetNormalizer.fit` gives on all the shards' rows together: each
-    service's location (and with ``per_service_scale`` its scale) from the shard that fitted it,
-    the pooled median and IQR of the shards' log targets (exact when every shard kept all of them),
-    the largest ceiling."""
+    service's location and spread (its scale with ``per_service_scale``) from the shard that
+    fitted it, the pooled median and IQR of the shards' log targets (exact when every shard kept
+    all of them), the largest ceiling."""
     if sum(part.count for part in parts) == 0:
         raise UserError("no finite target_latency_p99 in the training period; the target cannot be learned")
     pooled = _robust_location_scale(np.concatenate([part.log_targets for part in parts]))
@@ -524,10 +533,9 @@ def combine_target_statistics(parts: Sequence[TargetStatistics], per_service_sca
     if (fitted > 1).any():
         raise ValueError("a service was fitted by more than one shard; shards must hold disjoint services")
     location = np.where(fitted > 0, np.sum([part.location for part in parts], axis=0), pooled[0])
-    scale = np.full(len(fitted), pooled[1])
-    if per_service_scale:
-        scale = np.where(fitted > 0, np.sum([part.scale for part in parts], axis=0), pooled[1])
-    return TargetNormalizer(location, scale, pooled, max(part.ceiling for part in parts))
+    spread = np.where(fitted > 0, np.sum([part.scale for part in parts], axis=0), pooled[1])
+    scale = spread.copy() if per_service_scale else np.full(len(fitted), pooled[1])
+    return TargetNormalizer(location, scale, pooled, max(part.ceiling for part in parts), spread)
 
 
 def rows_in(table: SeriesTable, time_range: TimeRange) -> np.ndarray:

@@ -153,6 +153,9 @@ class Forecaster:
         breach = None
         if self.model.multitask:
             breach = torch.from_numpy((table.target >= service_thresholds[table.service_codes]).astype(np.float32)).to(self.device)
+        spike = None
+        if not __import__("os").environ.get("LF_OLD_SPIKE"):
+            spike = torch.from_numpy(self.target_normalizer.spikes(table.target, np.maximum(model_codes, 0), training.SPIKE_Z)).to(self.device)
         tensors = training.SeriesTensors(
             inputs=torch.from_numpy(scaled).to(self.device),
             target=torch.from_numpy(target).to(self.device),
@@ -160,6 +163,7 @@ class Forecaster:
             sequence_length=L,
             horizon=H,
             breach=breach,
+            spike=spike,
         )
         unknown = [name for name, code in zip(table.services, code_map) if code < 0]
         return PreparedSeries(table, tensors, ends, counts, unknown, service_thresholds)

@@ -259,16 +259,37 @@ def newest_minutes(path: str, services: Sequence[str], before: pd.Timestamp) -> 
     return newest
 
 
+def service_rows(path: str, start: pd.Timestamp | None = None, end: pd.Timestamp | None = None) -> dict[str, int]:
+    """Each service's number of rows in ``[start, end)``, by name (sorted), reading only the
+    ``service`` column (and the timestamps the range needs): how torchrun ranks share the services."""
+    dataset, partition_keys = _open_dataset(path)
+    counts: dict[str, int] = {}
+    try:
+        for batch in _scan(dataset, [SERVICE_COLUMN], _time_filter(dataset, partition_keys, start, end)):
+            services = batch.column(0)
+            encoded = services if pa.types.is_dictionary(services.type) else services.dictionary_encode()
+            indices = pc.drop_null(encoded.indices).to_numpy(zero_copy_only=False)
+            rows = np.bincount(indices, minlength=len(encoded.dictionary))
+            for name, count in zip(encoded.dictionary.to_pylist(), rows.tolist()):
+                if count:
+                    counts[name] = counts.get(name, 0) + count
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that every *.parquet file is valid Parquet") from error
+    return dict(sorted(counts.items()))
+
+
 def load_feature_store(
     path: str,
     feature_columns: Sequence[str] | None = None,
     start: pd.Timestamp | None = None,
     end: pd.Timestamp | None = None,
+    services: Sequence[str] | None = None,
 ) -> SeriesTable:
     """Read and validate a feature store (contract section 1).
 
     Only ``timestamp``, ``service``, the features and the target are read; the time range
-    ``[start, end)`` is pushed down to the scan (row-group statistics and ``date=`` partitions).
+    ``[start, end)`` is pushed down to the scan (row-group statistics and ``date=`` partitions),
+    and so is ``services`` (only those services' rows are read; None reads all).
     Timestamps are floored to the minute; tz-naive values are taken as UTC.
 
     Raises
@@ -282,6 +303,9 @@ def load_feature_store(
     features = resolve_feature_columns(schema, feature_columns, exclude=sorted(partition_keys))
 
     row_filter = _time_filter(dataset, partition_keys, start, end)
+    if services is not None:
+        service_filter = ds.field(SERVICE_COLUMN).isin(list(services))
+        row_filter = service_filter if row_filter is None else row_filter & service_filter
     unit = schema.field(TIMESTAMP_COLUMN).type.unit
     try:
         # Two scans, batch by batch, so that the Arrow copy of the store never exists whole: the

@@ -2,13 +2,15 @@
 
 Windows are gathered per batch from one ``(n_rows, n_features)`` tensor that lives on the
 device, so there is no per-sample DataLoader and no host-to-device copy per batch. Under
-``torchrun`` with a process group initialised, each rank takes its own shard of every epoch's
-shuffled order and the model is wrapped in DistributedDataParallel.
+``torchrun`` with a process group initialised (``distributed.init_from_env``), each rank trains
+on its own samples (its services'), the same number per epoch on every rank, the model is
+wrapped in DistributedDataParallel, and the losses are averaged over the ranks.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from latency_forecast import artifacts, distributed
 from latency_forecast.config import TrainingConfig
 from latency_forecast.errors import UserError
 from latency_forecast.model import Outputs
@@ -57,6 +60,7 @@ class SeriesTensors:
     sequence_length: int
     horizon: int
     breach: torch.Tensor | None = None  # (n_rows,) float32 1/0: latency at or above its threshold
+    spike: torch.Tensor | None = None  # (n_rows,) bool: a spike of its service's own (else target > SPIKE_Z)
 
     def windows(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows (batch, sequence_length, n_features) and service codes for these ends; no
@@ -99,18 +103,33 @@ def epoch_order(n: int, epoch: int, seed: int, limit: int = 0, rank: int = 0, wo
     return order[rank::world_size]
 
 
-SPIKE_Z = 3.0  # a target this many robust standard deviations above its service's median is a spike
+def shard_order(n: int, total: int, epoch: int, seed: int, limit: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's shuffled positions into its own ``n`` samples for one epoch, when each rank holds
+    other samples (under torchrun, its own services'; ``total`` over all ranks).
+
+    Every rank takes the same number, ceil(min(limit or total, total) / world_size), so that all
+    ranks take the same number of steps; a rank holding fewer repeats them, each pass reshuffled.
+    """
+    if n == 0:
+        raise UserError(f"torchrun rank {rank} holds no training window (its services have none in the training period); start fewer ranks")
+    count = -(-min(limit or total, total) // world_size)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+    parts = [torch.randperm(n, generator=generator)[:count] for _ in range(-(-count // n))]
+    return torch.cat(parts)[:count]
 
 
-def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+SPIKE_Z = 3.0  # a latency this many of its service's robust standard deviations above its median is a spike
+
+
+def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Per-batch loss; spikes weigh ``1 + spike_weight`` because they are rare and they are the point."""
 
-    def loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(prediction: torch.Tensor, target: torch.Tensor, spike: torch.Tensor) -> torch.Tensor:
         if config.loss == "huber":
             per_sample = F.huber_loss(prediction, target, delta=config.huber_delta, reduction="none")
         else:
             per_sample = F.mse_loss(prediction, target, reduction="none")
-        weight = 1.0 + config.spike_weight * (target > SPIKE_Z)
+        weight = 1.0 + config.spike_weight * spike
         return (per_sample * weight).sum() / weight.sum()
 
     return loss
@@ -160,7 +179,8 @@ def _batch_loss(
     """Regression loss, plus the quantiles' pinball loss and a multitask model's weighted breach BCE."""
     windows, services, target = series.batch(ends)
     outputs = model(windows, services, series.current(ends), full=True)
-    total = loss(outputs.forecast, target)
+    spike = series.spike[ends + series.horizon] if series.spike is not None else target > SPIKE_Z
+    total = loss(outputs.forecast, target, spike)
     if outputs.quantiles is not None:
         # unweighted: weighting spikes up would push every quantile up and break its coverage
         total = total + config.quantile_loss_weight * pinball_loss(outputs.quantiles, target, levels)
@@ -183,6 +203,46 @@ def _mean_loss(
     return float(total / max(len(ends), 1))
 
 
+@dataclass
+class ResumeFile:
+    """Where :func:`fit` keeps its resumable state after every epoch, and the fingerprint of the
+    settings and data it belongs to (a state of other settings or data is never resumed)."""
+
+    path: str
+    fingerprint: str
+
+    def load(self) -> dict | None:
+        """The saved state, None when there is none; a user error when it belongs to another run."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # it is written atomically: this is a file from elsewhere or a damaged disk
+            raise UserError(f"--resume: cannot read the saved training state {self.path} ({type(error).__name__}); rerun without --resume") from error
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"--resume: the training state in {os.path.dirname(self.path)} was saved by a run with other settings or data; "
+                "resume with that run's command and store, or rerun without --resume to start over"
+            )
+        return state
+
+    def save(self, state: dict) -> None:
+        artifacts.save_torch_atomic({**state, "fingerprint": self.fingerprint}, self.path)
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def fit(
     model: nn.Module,
     series: SeriesTensors,
@@ -191,8 +251,14 @@ def fit(
     config: TrainingConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume: ResumeFile | None = None,
 ) -> list[dict]:
     """Adam with early stopping on the validation loss; the best weights are loaded at the end.
+
+    With ``resume``, the whole state (weights, optimiser, scheduler, RNG, epoch, best loss and
+    weights, early-stopping counter, history) is saved there after every epoch, and a state
+    saved earlier is continued from: on CPU a resumed run ends with exactly the weights of an
+    uninterrupted one (each epoch's order is seeded by its number, dropout by the saved RNG).
 
     Returns the per-epoch history: ``{"epoch", "train_loss", "val_loss", "seconds"}``.
     """
@@ -207,14 +273,31 @@ def fit(
     loss = _loss_function(config)
     train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
     validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
+    total_train = int(distributed.all_reduce(np.array([len(train_ends)]))[0]) if world_size > 1 else len(train_ends)
 
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
     history: list[dict] = []
     show = progress and rank == 0
-    for epoch in range(1, config.epochs + 1):
+    first_epoch, finished = 1, False
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _restore_rng_states(saved["rng"])
+        best_loss, best_state, stale, history = saved["best_loss"], saved["best_state"], saved["stale"], saved["history"]
+        first_epoch, finished = saved["epoch"] + 1, saved["finished"]
+        if show:
+            log(f"resuming after epoch {saved['epoch']} (best validation loss {best_loss:.4f})")
+    for epoch in range(first_epoch, config.epochs + 1):
+        if finished:
+            break
         started = time.perf_counter()
         trainable.train()
-        order = epoch_order(len(train_ends), epoch, config.seed, config.samples_per_epoch, rank, world_size).to(device)
+        if world_size == 1:
+            order = epoch_order(len(train_ends), epoch, config.seed, config.samples_per_epoch).to(device)
+        else:  # each rank holds its own services' samples (distributed.load_shard)
+            order = shard_order(len(train_ends), total_train, epoch, config.seed, config.samples_per_epoch, rank, world_size).to(device)
         batches = range(0, len(order), config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if show else True, unit="batch")
         running = torch.zeros((), device=device)
@@ -230,6 +313,9 @@ def fit(
                 bar.set_postfix(loss=f"{float(running) / step:.4f}")
         train_loss = float(running) / max(len(batches), 1)
         validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels)
+        # each rank measured its own samples: every rank gets the same means, so the same decisions
+        train_loss = distributed.weighted_mean(train_loss, len(batches))
+        validation_loss = distributed.weighted_mean(validation_loss, len(validation_ends))
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
         scheduler.step(validation_loss)
@@ -245,6 +331,13 @@ def fit(
             )
         if not np.isfinite(train_loss):
             raise UserError("training diverged (loss is not finite); lower --learning-rate")
+        finished = stale >= config.patience or epoch == config.epochs
+        if resume is not None and rank == 0:
+            resume.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_states(), "epoch": epoch, "finished": finished,
+                "best_loss": best_loss, "best_state": best_state, "stale": stale, "history": history,
+            })
         if stale >= config.patience:
             if show:
                 log(f"early stop: no better validation loss for {config.patience} epochs; keeping epoch {epoch - stale}")

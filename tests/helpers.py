@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -134,6 +135,16 @@ def assert_reproduces_saved_test_metrics(trained: Forecaster, directory: str, st
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def stop_server(process) -> None:
+    """Stop a server subprocess a test started: terminate, then kill if it does not go."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def assert_one_line_error(capsys, code: int, *messages: str) -> str:

@@ -207,6 +207,10 @@ def test_target_normalizer_centres_each_service_on_one_scale_and_inverts(tmp_pat
     assert normalizer.scale.tolist() == [normalizer.pooled[1]] * 2
     own = data.TargetNormalizer.fit(table, np.ones(len(table), dtype=bool), per_service_scale=True)
     assert own.scale[1] > 2 * own.scale[0] and own.location.tolist() == normalizer.location.tolist()
+    # a spike is measured in the service's own spread, whatever the scale: 20x its median is one on
+    # the steadier service, not on the bimodal one (20x is its other mode)
+    spikes = normalizer.spikes(np.expm1(normalizer.location + np.log(20.0)), np.array([0, 1]), z=3.0)
+    assert spikes.tolist() == [True, False] and (normalizer.spread == own.scale).all()
     z = normalizer.normalize(table.target, table.service_codes)
     assert abs(np.median(z[table.service_codes == 0])) < 0.1 and abs(np.median(z[table.service_codes == 1])) < 0.1
     np.testing.assert_allclose(normalizer.denormalize(z, table.service_codes), table.target, rtol=1e-4)

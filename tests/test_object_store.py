@@ -24,7 +24,7 @@ import backtest
 import forecast
 import train
 from latency_forecast import store
-from tests.helpers import TINY_TRAINING, assert_one_line_error
+from tests.helpers import TINY_TRAINING, assert_one_line_error, stop_server
 
 BUCKET, PREFIX = "telemetry", "fleet/feature_store"
 URI = f"s3://{BUCKET}/{PREFIX}"
@@ -61,12 +61,7 @@ def s3_server(tmp_path_factory):
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}", log_path
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from latency_forecast import publish
 from latency_forecast.errors import UserError
+from tests.helpers import stop_server
 
 ALERTMANAGER_PACKAGE = "prometheus-alertmanager"
 # the tests' own requests to Alertmanager ignore proxy variables: nothing leaves 127.0.0.1
@@ -239,12 +240,7 @@ def alertmanager(tmp_path_factory):
             time.sleep(0.05)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
         log.close()
 
 

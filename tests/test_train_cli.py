@@ -235,15 +235,20 @@ def test_failed_run_keeps_earlier_artifacts(tiny_store, tmp_path, monkeypatch):
     out = str(tmp_path)
     argv = ["--feature-store-path", tiny_store, "--output-dir", out, *TINY_TRAINING, *QUICK]
     assert train.main(argv) == 0
-    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    before = _artifact_bytes(out)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train.plots, "forecast_vs_actual", crash)  # dies after the checkpoint is staged
     assert train.main([*argv, "--seed", "9"]) == 130
-    after = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
-    assert after == before
+    assert _artifact_bytes(out) == before
+    assert os.listdir(os.path.join(out, train.RESUME_DIR)), "the interrupted run's training state is kept, to --resume"
+
+
+def _artifact_bytes(directory: str) -> dict[str, bytes]:
+    """Every artifact's bytes (the hidden resume state and staging directories aside)."""
+    return {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory) if not name.startswith(".")}
 
 
 def test_shap_samples_0_skips_the_explanation(tiny_store, tmp_path):

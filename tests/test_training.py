@@ -57,16 +57,17 @@ def test_early_stopping_keeps_the_best_weights():
     loss = training._loss_function(config)
     windows, services, target = series.batch(torch.as_tensor(ends[400:]))
     with torch.no_grad():
-        assert float(loss(model(windows, services), target)) == pytest.approx(best, rel=1e-5)
+        assert float(loss(model(windows, services), target, target > training.SPIKE_Z)) == pytest.approx(best, rel=1e-5)
 
 
 def test_loss_by_hand():
     prediction, target = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.5, 2.0, 4.0])
-    # huber (delta 1): 0.125, 1.5, 3.5; the spike (4.0 > SPIKE_Z = 3) weighs 1 + 3
+    spike = torch.tensor([False, False, True])
+    # huber (delta 1): 0.125, 1.5, 3.5; the spike weighs 1 + 3
     huber = training._loss_function(TrainingConfig(spike_weight=3.0))
-    assert float(huber(prediction, target)) == pytest.approx((0.125 + 1.5 + 4 * 3.5) / 6)
+    assert float(huber(prediction, target, spike)) == pytest.approx((0.125 + 1.5 + 4 * 3.5) / 6)
     mse = training._loss_function(TrainingConfig(loss="mse", spike_weight=0.0))
-    assert float(mse(prediction, target)) == pytest.approx((0.25 + 4.0 + 16.0) / 3)
+    assert float(mse(prediction, target, spike)) == pytest.approx((0.25 + 4.0 + 16.0) / 3)
     # pinball at levels 0.1 and 0.9 of a forecast 1.0 against target 2.0 (under by 1) and 0.0 (over by 1)
     pinball = training.pinball_loss(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.tensor([2.0, 0.0]), torch.tensor([0.1, 0.9]))
     assert float(pinball) == pytest.approx((0.1 + 0.9 + 0.9 + 0.1) / 4)
