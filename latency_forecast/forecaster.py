@@ -153,9 +153,8 @@ class Forecaster:
         breach = None
         if self.model.multitask:
             breach = torch.from_numpy((table.target >= service_thresholds[table.service_codes]).astype(np.float32)).to(self.device)
-        spike = None
-        if not __import__("os").environ.get("LF_OLD_SPIKE"):
-            spike = torch.from_numpy(self.target_normalizer.spikes(table.target, np.maximum(model_codes, 0), training.SPIKE_Z)).to(self.device)
+        # spikes in each service's own spread, whatever scale the network learns in (training weighs them)
+        spike = torch.from_numpy(self.target_normalizer.spikes(table.target, np.maximum(model_codes, 0), training.SPIKE_Z)).to(self.device)
         tensors = training.SeriesTensors(
             inputs=torch.from_numpy(scaled).to(self.device),
             target=torch.from_numpy(target).to(self.device),
