@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranks = distributed.init_from_env(training_config.device)
     if not ranks.is_main:
         log = lambda message: None  # noqa: E731
-    with artifacts.output_lock(output.output_dir, "train.py") if ranks.is_main else contextlib.nullcontext():
+    with artifacts.output_lock(output.output_dir) if ranks.is_main else contextlib.nullcontext():
         started = time.perf_counter()
 
         if ranks.world_size > 1:
