@@ -225,6 +225,12 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
         for label, view in alerting.items():
             if label.startswith("model_") and label.endswith("_at_target_fpr"):
                 print(f"  model alerting on its {view['source'].replace('_', ' ')} instead: {cell(view)}")
+    matched = report["alerting"]["test_at_model_test_fpr"]
+    if len(matched) > 1:
+        print(
+            f"at the model's test FPR ({_rate(test['false_positive_rate'])}; baselines' thresholds set on test itself, to compare): "
+            + ", ".join(f"{label} {view['anticipated_episodes']}/{view['episodes']}" for label, view in matched.items())
+        )
     paged = alerting["persistence_at_model_false_alarms"]
     print(f"persistence at the model's paging load: {paged['anticipated_episodes']}/{paged['episodes']} episodes anticipated")
     coverage = report["quantiles"]["test"]

@@ -276,9 +276,27 @@ def metrics_report(
                 "alert_threshold_ms": alert_thresholds_ms(forecaster, services),
             },
             **{split: alerting_report(evaluations[split], horizon, compared) for split in ("validation", "test")},
+            # every baseline at exactly the model's test FPR, its threshold set on test itself: thresholds
+            # chosen on validation land at different test FPRs on a short store, so only this compares
+            # the episodes anticipated at one FPR (a comparison, never an operating point)
+            "test_at_model_test_fpr": alerting_report(test, horizon, matched_on_test(test)),
         },
         "per_service": {split: per_service(evaluations[split], services) for split in ("validation", "test")},
     }
+
+
+def matched_on_test(test: Evaluation) -> dict[str, tuple[str, float]]:
+    """Each baseline's (score source, threshold) whose false positive rate on ``test`` is at most
+    the model's there (see ``metrics.threshold_at_rate``)."""
+    fpr = test.model_metrics["false_positive_rate"]
+    if fpr is None:
+        return {}
+    chosen = {}
+    for name in test.baselines:
+        threshold = metrics.threshold_at_rate(test.ratio(name), test.breach, fpr)
+        if threshold is not None:
+            chosen[name] = (name, threshold)
+    return chosen
 
 
 def forecast_panels(evaluation: Evaluation, services: Sequence[str], n_services: int = 4) -> list[dict]:

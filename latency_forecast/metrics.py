@@ -100,6 +100,18 @@ def calibrate_threshold(score: np.ndarray, breach: np.ndarray, target_fpr: float
     return float(np.nextafter(negatives[min(rank, n) - 1], np.inf))
 
 
+def threshold_at_rate(score: np.ndarray, breach: np.ndarray, false_positive_rate: float) -> float | None:
+    """The most sensitive threshold whose false positive rate on these very samples is at most
+    ``false_positive_rate`` (in-sample: for comparing alerts at one FPR, never for choosing one)."""
+    negatives = np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])
+    if len(negatives) == 0:
+        return None
+    allowed = int(np.floor(false_positive_rate * len(negatives) + 1e-9))
+    if allowed >= len(negatives):
+        return float(negatives[0])
+    return float(np.nextafter(negatives[len(negatives) - allowed - 1], np.inf))
+
+
 def ranking_metrics(score: np.ndarray, breach: np.ndarray) -> dict[str, float | None]:
     """ROC-AUC and PR-AUC (average precision) of an alert score; null with only one class."""
     from sklearn.metrics import average_precision_score, roc_auc_score

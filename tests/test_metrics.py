@@ -141,3 +141,13 @@ def test_false_alarm_matching_picks_the_most_sensitive_threshold_within_the_pagi
     assert rate(generous) <= 2.5 and generous <= 0.6
     none = metrics.match_false_alarm_rate(codes, minutes, breach, score, 0.0)
     assert not (score >= none).any()
+
+
+def test_threshold_at_rate_allows_exactly_that_share_of_in_sample_false_positives():
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 5.0])
+    breach = np.array([False] * 10 + [True])
+    for rate, false_positives in ((0.0, 0), (0.1, 1), (0.25, 2), (1.0, 10)):
+        threshold = metrics.threshold_at_rate(score, breach, rate)
+        assert int(((score >= threshold) & ~breach).sum()) == false_positives
+        assert score[breach][0] >= threshold
+    assert metrics.threshold_at_rate(score[breach], breach[breach], 0.1) is None
