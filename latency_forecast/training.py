@@ -278,7 +278,7 @@ def fit(
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
     history: list[dict] = []
     show = progress and rank == 0
-    first_epoch, finished = 1, False
+    first_epoch, last_epoch = 1, config.epochs
     saved = resume.load() if resume is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -286,12 +286,12 @@ def fit(
         scheduler.load_state_dict(saved["scheduler"])
         _restore_rng_states(saved["rng"])
         best_loss, best_state, stale, history = saved["best_loss"], saved["best_state"], saved["stale"], saved["history"]
-        first_epoch, finished = saved["epoch"] + 1, saved["finished"]
+        first_epoch = saved["epoch"] + 1
+        if saved["finished"]:  # stopped early or ran every epoch: nothing left to train
+            last_epoch = saved["epoch"]
         if show:
             log(f"resuming after epoch {saved['epoch']} (best validation loss {best_loss:.4f})")
-    for epoch in range(first_epoch, config.epochs + 1):
-        if finished:
-            break
+    for epoch in range(first_epoch, last_epoch + 1):
         started = time.perf_counter()
         trainable.train()
         if world_size == 1:
@@ -331,11 +331,10 @@ def fit(
             )
         if not np.isfinite(train_loss):
             raise UserError("training diverged (loss is not finite); lower --learning-rate")
-        finished = stale >= config.patience or epoch == config.epochs
         if resume is not None and rank == 0:
             resume.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_states(), "epoch": epoch, "finished": finished,
+                "rng": _rng_states(), "epoch": epoch, "finished": stale >= config.patience or epoch == config.epochs,
                 "best_loss": best_loss, "best_state": best_state, "stale": stale, "history": history,
             })
         if stale >= config.patience:
