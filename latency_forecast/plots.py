@@ -92,7 +92,8 @@ def alert_tradeoff(curves: dict[str, tuple], points: dict[str, tuple], target_fp
     for label, (fpr, tpr) in curves.items():
         visible = fpr > 0
         axes.plot(fpr[visible], tpr[visible], label=label)
-    for (label, (fpr, tpr)), marker in zip(points.items(), "o^sD"):
+    markers = "o^sDvP*Xph<>"  # one per operating point: zip() would drop the points beyond the markers
+    for (label, (fpr, tpr)), marker in zip(points.items(), markers * (len(points) // len(markers) + 1)):
         if fpr is not None and tpr is not None:
             axes.scatter([max(fpr, 1e-5)], [tpr], marker=marker, s=60, zorder=3, label=f"{label}: FPR {fpr:.2%}, TPR {tpr:.1%}")
     axes.axvline(0.01, color="tab:red", linestyle=":", label="1% FPR (alert-fatigue budget)")

@@ -125,3 +125,10 @@ def test_causality_events_stack_the_scores_and_say_when_there_is_none(tmp_path):
     empty = plots.causality_events([], ["cpu"])
     assert [text.get_text() for text in empty.axes[0].texts] == ["no true-positive event to explain in this range"]
     _save(empty, tmp_path, "empty.png")
+
+
+def test_alert_tradeoff_marks_every_operating_point():
+    # model, persistence and gradient boosting at their thresholds, at the target FPR, at the paging load...
+    points = {f"alert {i}": (0.001 * (i + 1), 0.5 + 0.05 * i) for i in range(7)}
+    figure = plots.alert_tradeoff({"model": (np.array([0.0, 0.01, 1.0]), np.array([0.0, 0.5, 1.0]))}, points, 0.01)
+    assert len(figure.axes[0].collections) == len(points)
