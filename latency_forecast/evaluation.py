@@ -177,11 +177,16 @@ def comparisons(validation: Evaluation, rule: AlertRule, alert_config: AlertConf
         if name != "persistence":
             chosen[name] = (name, 1.0)
             at_target(name)
-    own = "forecast" if rule.score == "forecast_ratio" else f"quantile_{rule.quantile}" if rule.score == "quantile_ratio" else None
+    own = _own_source(rule)
     for source in ["forecast", *(f"quantile_{name}" for name in validation.quantiles)]:
         if source != own:
             at_target(source)
     return chosen
+
+
+def _own_source(rule: AlertRule) -> str | None:
+    """The score source (see :meth:`Evaluation.ratio`) the rule alerts on; None for a probability."""
+    return "forecast" if rule.score == "forecast_ratio" else f"quantile_{rule.quantile}" if rule.score == "quantile_ratio" else None
 
 
 def alerting_report(evaluation: Evaluation, horizon: int, compared: dict[str, tuple[str, float]]) -> dict[str, dict]:
@@ -279,23 +284,27 @@ def metrics_report(
             # every baseline at exactly the model's test FPR, its threshold set on test itself: thresholds
             # chosen on validation land at different test FPRs on a short store, so only this compares
             # the episodes anticipated at one FPR (a comparison, never an operating point)
-            "test_at_model_test_fpr": alerting_report(test, horizon, matched_on_test(test)),
+            "test_at_model_test_fpr": alerting_report(test, horizon, matched_on_test(test, forecaster.alert)),
         },
         "per_service": {split: per_service(evaluations[split], services) for split in ("validation", "test")},
     }
 
 
-def matched_on_test(test: Evaluation) -> dict[str, tuple[str, float]]:
-    """Each baseline's (score source, threshold) whose false positive rate on ``test`` is at most
-    the model's there (see ``metrics.threshold_at_rate``)."""
+def matched_on_test(test: Evaluation, rule: AlertRule) -> dict[str, tuple[str, float]]:
+    """Each baseline's, and each of the model's other forecasts' (the point forecast or its
+    quantiles, whichever the rule does not alert on), (score source, threshold) whose false
+    positive rate on ``test`` is at most the model's there (see ``metrics.threshold_at_rate``)."""
     fpr = test.model_metrics["false_positive_rate"]
     if fpr is None:
         return {}
+    own = _own_source(rule)
+    sources = {name: name for name in test.baselines}
+    sources.update({f"model_{source}": source for source in ["forecast", *(f"quantile_{name}" for name in test.quantiles)] if source != own})
     chosen = {}
-    for name in test.baselines:
-        threshold = metrics.threshold_at_rate(test.ratio(name), test.breach, fpr)
+    for label, source in sources.items():
+        threshold = metrics.threshold_at_rate(test.ratio(source), test.breach, fpr)
         if threshold is not None:
-            chosen[name] = (name, threshold)
+            chosen[label] = (source, threshold)
     return chosen
 
 

@@ -10,7 +10,9 @@ its validation and test splits.
 Each line: the model's test MAE skill over persistence and gradient boosting (1 - MAE ratio,
 same samples), episodes anticipated by the model, persistence and gradient boosting with each
 one's threshold chosen on validation for the same FPR (and the test FPR each reached), false
-alarms per service-day, and the coverage of each model quantile. Change one setting at a time
+alarms per service-day, the episodes each baseline and each other model forecast anticipates at
+exactly the model's FPR on the judged samples (thresholds set there: a comparison, never an
+operating point), and the coverage of each model quantile. Change one setting at a time
 and keep it only if it wins everywhere.
 
 Example:
@@ -43,8 +45,9 @@ def _number(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def judge(judged: evaluation.Evaluation, compared: dict[str, tuple[str, float]], horizon: int) -> str:
-    """One line: the model against its baselines on the same samples, alerts at the same FPR."""
+def judge(judged: evaluation.Evaluation, compared: dict[str, tuple[str, float]], horizon: int, rule: alerting.AlertRule) -> str:
+    """One line: the model against its baselines on the same samples, alerts at the same FPR
+    (thresholds chosen on validation), then every alert at exactly the model's FPR here."""
     view = evaluation.alerting_report(judged, horizon, compared)
     model_mae, per_day = judged.model_metrics["mae"], "false_alarm_episodes_per_service_day"
     skills = "  ".join(
@@ -58,6 +61,10 @@ def judge(judged: evaluation.Evaluation, compared: dict[str, tuple[str, float]],
     for label, block in view.items():
         if label.endswith("_at_target_fpr"):
             line.append(f"{label[: -len('_at_target_fpr')]} {alerts(block, block['false_positive_rate'])}")
+    matched = evaluation.alerting_report(judged, horizon, evaluation.matched_on_test(judged, rule))
+    line.append("at the model's FPR here: " + " ".join(
+        f"{label} {block['anticipated_episodes']}/{block['episodes']}" for label, block in matched.items()
+    ))
     coverage = evaluation.quantile_report(judged)
     if coverage:
         line.append("coverage " + " ".join(f"{name}:{_number(block['coverage'], '{:.3f}')}" for name, block in coverage.items()))
@@ -93,15 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("model vs baselines on the same samples; alerts: episodes anticipated (test FPR, false alarms per service-day), thresholds chosen on validation")
     for path in real:
         trained, baselines, table, prepared, splits, fitted = fit(path, settings)
-        print(f"real {path}: validation  {judge(fitted['validation'], fitted['compared'], horizon)}")
+        print(f"real {path}: validation  {judge(fitted['validation'], fitted['compared'], horizon, trained.alert)}")
         test = evaluation.evaluate(trained, prepared, prepared.samples(splits.test, "test"), baselines)
-        print(f"    test  {judge(test, fitted['compared'], horizon)}", flush=True)
+        print(f"    test  {judge(test, fitted['compared'], horizon, trained.alert)}", flush=True)
     for fit_store, other_store in itertools.permutations(synthetic, 2):
         trained, baselines, _, _, _, fitted = fit(fit_store, settings)
         unseen = trained.prepare(store.load_feature_store(other_store, trained.feature_columns))
-        print(f"fit {fit_store}: validation  {judge(fitted['validation'], fitted['compared'], horizon)}")
+        print(f"fit {fit_store}: validation  {judge(fitted['validation'], fitted['compared'], horizon, trained.alert)}")
         other = evaluation.evaluate(trained, unseen, unseen.ends, baselines)
-        print(f"    judged on all of {other_store}: {judge(other, fitted['compared'], horizon)}", flush=True)
+        print(f"    judged on all of {other_store}: {judge(other, fitted['compared'], horizon, trained.alert)}", flush=True)
     return 0
 
 
