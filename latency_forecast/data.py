@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,22 @@ TIMESTAMP_COLUMN = "timestamp"
 SERVICE_COLUMN = "service"
 NS_PER_MINUTE = 60_000_000_000
 _CHUNK_ROWS = 1 << 18  # rows per chunk when scaling in place: bounds temporary memory
+WORKER_THREADS = min(4, os.cpu_count() or 1)  # chunks (and row groups, store.py) worked on at once
+T = TypeVar("T")
+
+
+def parallel_map(function: Callable[[Any], T], items: Sequence) -> list[T]:
+    """``function`` of every item, in the items' order, ``WORKER_THREADS`` at a time: numpy's
+    array loops and pyarrow's decoding run without the GIL, so the cores share one pass, and
+    only as many items' temporaries exist at once as there are threads."""
+    if len(items) <= 1 or WORKER_THREADS == 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=WORKER_THREADS) as pool:
+        return list(pool.map(function, items))
+
+
+def _chunks(n_rows: int) -> list[slice]:
+    return [slice(start, start + _CHUNK_ROWS) for start in range(0, n_rows, _CHUNK_ROWS)]
 
 
 @dataclass
@@ -204,9 +222,8 @@ def samples_in(
     ends: np.ndarray, table: SeriesTable, time_range: TimeRange, sequence_length: int, horizon: int
 ) -> np.ndarray:
     """The samples whose whole span (inputs from t-L+1 through the target at t+H) lies in the range."""
-    first_minute = table.minutes[ends] - (sequence_length - 1)
-    target_minute = table.minutes[ends] + horizon
-    return ends[(first_minute >= time_range.start) & (target_minute < time_range.end)]
+    minutes = table.minutes[ends]
+    return ends[(minutes >= time_range.start + sequence_length - 1) & (minutes < time_range.end - horizon)]
 
 
 def require_samples_in(
@@ -283,19 +300,20 @@ class FeatureScaler:
         return block.copy()
 
     def fit(self, features: np.ndarray, rows: np.ndarray) -> "FeatureScaler":
-        """Fit on ``features[rows]`` (``rows`` a boolean mask), chunk by chunk; NaNs are ignored."""
-        self.scaler = StandardScaler()
-        seen = False
-        for start in range(0, len(features), _CHUNK_ROWS):
-            chunk = features[start : start + _CHUNK_ROWS][rows[start : start + _CHUNK_ROWS]]
-            if len(chunk):
-                self.scaler.partial_fit(self._transform_block(chunk.astype(np.float64)))
-                seen = True
-        if not seen:
+        """Fit on ``features[rows]`` (``rows`` a boolean mask), chunk by chunk; NaNs are ignored.
+
+        Each chunk's counts, means and variances (transformed in float32 as :meth:`transform`
+        does, then in float64) are pooled as torchrun's shards are (:func:`combine_scalers`):
+        one pass, a few times faster than StandardScaler.partial_fit's float64 nan-sums."""
+        def moments(chunk: slice) -> np.ndarray | None:
+            selected = features[chunk][rows[chunk]]
+            return _moments(self._transform_block(selected.astype(np.float32, copy=False))) if len(selected) else None
+
+        parts = [part for part in parallel_map(moments, _chunks(len(features))) if part is not None]
+        if not parts:
             raise UserError("no training rows to fit the feature scaler on; the training period is empty")
-        # A feature that is NaN in every training row has mean NaN: treat it as constant 0.
-        self.scaler.mean_ = np.nan_to_num(self.scaler.mean_)
-        self.scaler.scale_ = np.where(np.isfinite(self.scaler.scale_) & (self.scaler.scale_ > 0), self.scaler.scale_, 1.0)
+        # a feature that is NaN in every training row gets mean 0 and scale 1: it is constant 0
+        self.scaler = combine_scalers(parts, self.transform_name).scaler
         return self
 
     def transform(self, features: np.ndarray, inplace: bool = False) -> np.ndarray:
@@ -303,11 +321,14 @@ class FeatureScaler:
         out = features if inplace else np.empty_like(features, dtype=np.float32)
         mean = self.scaler.mean_.astype(np.float32)
         scale = self.scaler.scale_.astype(np.float32)
-        for start in range(0, len(features), _CHUNK_ROWS):
-            block = self._transform_block(features[start : start + _CHUNK_ROWS])
+
+        def scale_chunk(chunk: slice) -> None:
+            block = self._transform_block(features[chunk])
             block -= mean
             block /= scale
-            out[start : start + _CHUNK_ROWS] = block
+            out[chunk] = block
+
+        parallel_map(scale_chunk, _chunks(len(features)))
         return out
 
     def state(self, feature_columns: Sequence[str]) -> dict:
@@ -358,36 +379,33 @@ class TargetNormalizer:
 
     @classmethod
     def fit(cls, table: SeriesTable, rows: np.ndarray, per_service_scale: bool = False, min_rows: int = 30) -> "TargetNormalizer":
-        log_target = np.log1p(np.maximum(table.target.astype(np.float64), 0.0))
-        usable = rows & np.isfinite(log_target)
-        if not usable.any():
-            raise UserError("no finite target_latency_p99 in the training period; the target cannot be learned")
-        pooled = _robust_location_scale(log_target[usable])
-        bounds = table.service_bounds
-        location = np.full(len(table.services), pooled[0])
-        spread = np.full(len(table.services), pooled[1])
-        for code in range(len(table.services)):
-            values = log_target[bounds[code] : bounds[code + 1]][usable[bounds[code] : bounds[code + 1]]]
-            if len(values) >= min_rows:
-                location[code], spread[code] = _robust_location_scale(values)
-        scale = spread.copy() if per_service_scale else np.full(len(table.services), pooled[1])
-        return cls(location, scale, pooled, float(log_target[usable].max()), spread)
+        return combine_target_statistics([target_statistics(table, rows, min_rows)], per_service_scale)
 
     def spikes(self, latency_ms: np.ndarray, service_codes: np.ndarray, z: float) -> np.ndarray:
         """(n,) bool: the latency lies more than ``z`` of its service's own robust standard
-        deviations above its median (what a spike is, whatever scale the network learns in)."""
+        deviations above its median (what a spike is, whatever scale the network learns in).
+        By chunks, like :meth:`normalize`."""
         spread = self.spread if self.spread is not None else self.scale
-        with np.errstate(invalid="ignore"):
-            return np.log1p(np.maximum(latency_ms.astype(np.float64), 0.0)) > self.location[service_codes] + z * spread[service_codes]
+        out = np.empty(len(latency_ms), dtype=bool)
+
+        def spikes_in(chunk: slice) -> None:
+            codes = service_codes[chunk]
+            with np.errstate(invalid="ignore"):
+                out[chunk] = np.log1p(np.maximum(latency_ms[chunk].astype(np.float64), 0.0)) > self.location[codes] + z * spread[codes]
+
+        parallel_map(spikes_in, _chunks(len(latency_ms)))
+        return out
 
     def normalize(self, latency_ms: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
         """(n,) float32; computed in float64 by chunks, so a long store needs no n-row float64 copies."""
         out = np.empty(len(latency_ms), dtype=np.float32)
-        for start in range(0, len(latency_ms), _CHUNK_ROWS):
-            chunk = slice(start, start + _CHUNK_ROWS)
+
+        def normalize_chunk(chunk: slice) -> None:
             log_latency = np.log1p(np.maximum(latency_ms[chunk].astype(np.float64), 0.0))
             codes = service_codes[chunk]
             out[chunk] = (log_latency - self.location[codes]) / self.scale[codes]
+
+        parallel_map(normalize_chunk, _chunks(len(latency_ms)))
         return out
 
     def denormalize(self, normalized: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
@@ -440,6 +458,24 @@ def with_services(table: SeriesTable, services: Sequence[str]) -> SeriesTable:
         raise ValueError(f"services lacks the table's {missing}")
     code_map = np.array([position[name] for name in table.services], dtype=np.int32)
     return dataclasses.replace(table, service_codes=code_map[table.service_codes], services=list(services))
+
+
+def _moments(block: np.ndarray) -> np.ndarray:
+    """(3, n_features) float64: finite values, mean and (population) variance per column of
+    ``block``, ignoring NaNs (a column without values has count, mean and variance 0). In float64
+    throughout, so that pooling other chunks (torchrun's shards) changes only float64 rounding."""
+    values = block.astype(np.float64)
+    missing = np.isnan(values)
+    has_missing = bool(missing.any())
+    if has_missing:
+        values[missing] = 0.0
+    counts = len(values) - missing.sum(axis=0)
+    mean = values.sum(axis=0) / np.maximum(counts, 1)
+    values -= mean
+    if has_missing:
+        values[missing] = 0.0
+    variance = np.einsum("ij,ij->j", values, values) / np.maximum(counts, 1)
+    return np.stack([counts.astype(np.float64), mean, variance])
 
 
 def scaler_moments(scaler: FeatureScaler) -> np.ndarray:
@@ -504,17 +540,20 @@ def target_statistics(
     """A shard's target statistics, each of its services fitted as :meth:`TargetNormalizer.fit`
     fits it (a service lives in one shard, whole); ``sample_size`` caps the log targets kept for
     the pooled median and IQR (None keeps all)."""
-    log_target = np.log1p(np.maximum(table.target.astype(np.float64), 0.0))
-    usable = rows & np.isfinite(log_target)
-    values = log_target[usable]
+    usable = rows & np.isfinite(table.target)
     n_services = len(table.services)
     location, scale, fitted = np.zeros(n_services), np.zeros(n_services), np.zeros(n_services)
     bounds = table.service_bounds
+    per_service = []  # only the usable rows are logged: no n-row float64 copy
     for code in range(n_services):
-        service_values = log_target[bounds[code] : bounds[code + 1]][usable[bounds[code] : bounds[code + 1]]]
+        block = slice(bounds[code], bounds[code + 1])
+        service_values = np.log1p(np.maximum(table.target[block][usable[block]].astype(np.float64), 0.0))
+        per_service.append(service_values)
         if len(service_values) >= min_rows:
             location[code], scale[code] = _robust_location_scale(service_values)
             fitted[code] = 1.0
+    values = np.concatenate(per_service) if per_service else np.zeros(0)
+    del per_service
     kept = values
     if sample_size is not None and sample_size < len(values):
         kept = values[np.sort(np.random.default_rng(seed).choice(len(values), sample_size, replace=False))]
@@ -528,7 +567,7 @@ def combine_target_statistics(parts: Sequence[TargetStatistics], per_service_sca
     all of them), the largest ceiling."""
     if sum(part.count for part in parts) == 0:
         raise UserError("no finite target_latency_p99 in the training period; the target cannot be learned")
-    pooled = _robust_location_scale(np.concatenate([part.log_targets for part in parts]))
+    pooled = _robust_location_scale(parts[0].log_targets if len(parts) == 1 else np.concatenate([part.log_targets for part in parts]))
     fitted = np.sum([part.fitted for part in parts], axis=0)
     if (fitted > 1).any():
         raise ValueError("a service was fitted by more than one shard; shards must hold disjoint services")

@@ -147,18 +147,19 @@ class Forecaster:
         model_codes = code_map[table.service_codes]
         ends, counts = data.window_ends(table, L, H)
         ends = ends[model_codes[ends] >= 0]
+        np.maximum(model_codes, 0, out=model_codes)  # unknown services' rows: never a sample, any code will do
         scaled = self.scaler.transform(table.features, inplace=inplace)
-        target = self.target_normalizer.normalize(table.target, np.maximum(model_codes, 0))
+        target = self.target_normalizer.normalize(table.target, model_codes)
         service_thresholds = np.asarray(self.latency_thresholds.for_services(table.services), dtype=np.float64)
         breach = None
         if self.model.multitask:
             breach = torch.from_numpy((table.target >= service_thresholds[table.service_codes]).astype(np.float32)).to(self.device)
         # spikes in each service's own spread, whatever scale the network learns in (training weighs them)
-        spike = torch.from_numpy(self.target_normalizer.spikes(table.target, np.maximum(model_codes, 0), training.SPIKE_Z)).to(self.device)
+        spike = torch.from_numpy(self.target_normalizer.spikes(table.target, model_codes, training.SPIKE_Z)).to(self.device)
         tensors = training.SeriesTensors(
             inputs=torch.from_numpy(scaled).to(self.device),
             target=torch.from_numpy(target).to(self.device),
-            service_codes=torch.from_numpy(np.maximum(model_codes, 0)).to(self.device),
+            service_codes=torch.from_numpy(model_codes).to(self.device),
             sequence_length=L,
             horizon=H,
             breach=breach,

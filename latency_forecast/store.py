@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,11 +17,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from latency_forecast.config import TARGET_COLUMN, StoreConfig, TimeRangeConfig
-from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute, parse_timestamp
+from latency_forecast.data import NS_PER_MINUTE, SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute, parallel_map, parse_timestamp
 from latency_forecast.errors import UserError, warn
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
-_BATCH_ROWS = 1 << 15  # rows per record batch while reading
+_MIN_RUN = 64  # rows per run of consecutive places below which one fancy-indexed copy is faster
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of a path or URI (``s3://bucket/prefix``: the AWS_* variables, AWS_ENDPOINT_URL
@@ -265,7 +265,7 @@ def newest_minutes(path: str, services: Sequence[str], before: pd.Timestamp) -> 
     row_filter = _time_filter(dataset, partition_keys, None, before) & ds.field(SERVICE_COLUMN).isin(list(services))
     newest: dict[str, int] = {}
     try:
-        keys = _read_keys(_scan(dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit)
+        keys = _read_keys(_key_pass(dataset, _pieces(dataset, row_filter), row_filter, unit))
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that every *.parquet file is valid Parquet") from error
     if keys is not None:
@@ -323,15 +323,21 @@ def load_feature_store(
         row_filter = service_filter if row_filter is None else row_filter & service_filter
     unit = schema.field(TIMESTAMP_COLUMN).type.unit
     try:
-        # Two scans, batch by batch, so that the Arrow copy of the store never exists whole: the
-        # keys first, to find each row's place, then the values, written straight to that place.
-        keys = _read_keys(_scan(dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit)
+        # Two passes over the row groups, a few at a time, so that the Arrow copy of the store never
+        # exists whole: the keys first, to find each row's place, then the values, written straight there.
+        pieces = _pieces(dataset, row_filter)
+        piece_keys = _key_pass(dataset, pieces, row_filter, unit)
+        piece_rows = [0 if piece.minutes is None else len(piece.minutes) for piece in piece_keys]
+        keys = _read_keys(piece_keys)
+        del piece_keys
         if keys is None:
             span = "" if start is None and end is None else f" between {start} and {end}"
             raise UserError(f"the feature store {path} has no rows{span}; check the path and the time range")
         # the target may also be a feature (its own history): read it once
         columns = list(dict.fromkeys([TIMESTAMP_COLUMN, *features, TARGET_COLUMN]))
-        matrix, target, invalid = _read_values(_scan(dataset, columns, row_filter), keys, features, unit)
+        matrix, target, invalid = _read_values(
+            pieces, piece_rows, lambda piece: _read_piece(piece, dataset, columns, row_filter), keys, features, unit
+        )
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that all files share one schema") from error
     return SeriesTable(keys.minutes, keys.codes, keys.names, matrix, target, list(features), invalid)
@@ -344,25 +350,40 @@ def _first_line(error: BaseException) -> str:
 _UNITS_PER_MINUTE = {"s": 60, "ms": 60_000, "us": 60_000_000, "ns": NS_PER_MINUTE}
 
 
-def _scan(dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | None) -> Iterator[pa.RecordBatch]:
-    """The non-empty record batches of ``columns``, in the same order on every scan.
-
-    One row group at a time: a scan of the whole dataset decodes ahead of a slower consumer
-    without bound, so the Arrow copy of a large store would pile up in memory.
-    """
-    pool = pa.default_memory_pool()
+def _pieces(dataset: ds.Dataset, row_filter: ds.Expression | None) -> list[ds.ParquetFileFragment]:
+    """The row groups the filter may touch, in one fixed order (every pass reads them in it)."""
+    pieces = []
     for fragment in dataset.get_fragments(filter=row_filter):
         try:
-            for part in fragment.split_by_row_group(filter=row_filter, schema=dataset.schema):
-                for batch in part.to_batches(schema=dataset.schema, columns=columns, filter=row_filter, batch_size=_BATCH_ROWS):
-                    if batch.num_rows:
-                        yield batch
-                pool.release_unused()  # the allocator keeps pages freed across threads until asked
-        except (pa.ArrowException, OSError) as error:  # Arrow's message need not name the file
-            raise UserError(
-                f"cannot read {fragment.path} of the feature store: {_first_line(error)}; "
-                "rewrite or remove that file (every *.parquet file must be valid Parquet with the store's schema)"
-            ) from error
+            pieces.extend(fragment.split_by_row_group(filter=row_filter, schema=dataset.schema))
+        except (pa.ArrowException, OSError) as error:
+            raise _fragment_error(fragment, error) from error
+    return pieces
+
+
+def _read_piece(piece: ds.ParquetFileFragment, dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | None) -> pa.Table:
+    """One row group's ``columns``, filtered; the allocator is asked to hand freed pages back."""
+    try:
+        table = piece.to_table(schema=dataset.schema, columns=columns, filter=row_filter)
+    except (pa.ArrowException, OSError) as error:  # Arrow's message need not name the file
+        raise _fragment_error(piece, error) from error
+    pa.default_memory_pool().release_unused()  # it keeps pages freed across threads until asked
+    return table
+
+
+def _fragment_error(fragment: ds.Fragment, error: BaseException) -> UserError:
+    return UserError(
+        f"cannot read {fragment.path} of the feature store: {_first_line(error)}; "
+        "rewrite or remove that file (every *.parquet file must be valid Parquet with the store's schema)"
+    )
+
+
+def _scan(dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | None) -> Iterator[pa.RecordBatch]:
+    """The non-empty record batches of ``columns``, in the pieces' order, one row group at a time."""
+    for piece in _pieces(dataset, row_filter):
+        for batch in _read_piece(piece, dataset, columns, row_filter).to_batches():
+            if batch.num_rows:
+                yield batch
 
 
 def _minutes(stamps: pa.Array, unit: str) -> np.ndarray:
@@ -377,28 +398,53 @@ class _Keys:
     minutes: np.ndarray  # (n_rows,) int64, sorted by (service, minute)
     codes: np.ndarray  # (n_rows,) int32
     names: list[str]
-    destination: np.ndarray  # (n_rows,) int64
+    destination: np.ndarray  # (n_rows,) int32 (int64 from 2^31 rows)
 
 
-def _read_keys(batches: Iterable[pa.RecordBatch], unit: str) -> _Keys | None:
+@dataclass
+class _PieceKeys:
+    """One row group's keys as read: minutes, indices into its own list of service names."""
+
+    minutes: np.ndarray | None  # None when a timestamp or service is null (counted, for the message)
+    indices: np.ndarray | None
+    names: list[str]  # the names its indices point at (unused dictionary entries are None)
+    null_timestamps: int
+    null_services: int
+
+
+def _piece_keys(table: pa.Table, unit: str) -> _PieceKeys:
+    """The keys of one row group (its ``timestamp`` and ``service`` columns), on a reading thread."""
+    stamps, services = table.column(0), table.column(1)
+    if stamps.null_count or services.null_count:
+        return _PieceKeys(None, None, [], stamps.null_count, services.null_count)
+    services = services.combine_chunks() if table.num_rows else pa.array([], type=pa.string())
+    encoded = services if pa.types.is_dictionary(services.type) else services.dictionary_encode()
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    used = np.flatnonzero(np.bincount(indices, minlength=len(encoded.dictionary)))  # a dictionary may hold unused names
+    names: list = [None] * len(encoded.dictionary)
+    for index, name in zip(used.tolist(), encoded.dictionary.take(pa.array(used)).to_pylist()):
+        names[index] = name
+    return _PieceKeys(_minutes(stamps, unit), indices, names, 0, 0)
+
+
+def _key_pass(dataset: ds.Dataset, pieces: Sequence[ds.ParquetFileFragment], row_filter: ds.Expression | None, unit: str) -> list[_PieceKeys]:
+    """The keys of every piece, in order."""
+    return parallel_map(lambda piece: _piece_keys(_read_piece(piece, dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit), pieces)
+
+
+def _read_keys(pieces: Iterable[_PieceKeys]) -> _Keys | None:
     """Minutes and service codes of every row, sorted by (service, minute); None without rows."""
     seen: dict[str, int] = {}  # service name -> code in order of first appearance
     minutes, codes = [], []
     null_timestamps = null_services = 0
-    for batch in batches:
-        stamps, services = batch.column(0), batch.column(1)
-        null_timestamps += stamps.null_count
-        null_services += services.null_count
-        if null_timestamps or null_services:
-            continue  # only counted, for the message
-        minutes.append(_minutes(stamps, unit))
-        encoded = services if pa.types.is_dictionary(services.type) else services.dictionary_encode()
-        indices = encoded.indices.to_numpy(zero_copy_only=False)
-        lookup = np.full(len(encoded.dictionary), -1, dtype=np.int32)
-        used = np.flatnonzero(np.bincount(indices, minlength=len(lookup)))  # a dictionary may hold unused names
-        for index, name in zip(used, encoded.dictionary.take(pa.array(used)).to_pylist()):
-            lookup[index] = seen.setdefault(name, len(seen))
-        codes.append(lookup[indices])
+    for piece in pieces:
+        null_timestamps += piece.null_timestamps
+        null_services += piece.null_services
+        if null_timestamps or null_services or not len(piece.minutes):
+            continue  # nulls are only counted, for the message
+        lookup = np.array([-1 if name is None else seen.setdefault(name, len(seen)) for name in piece.names], dtype=np.int32)
+        minutes.append(piece.minutes)
+        codes.append(lookup[piece.indices])
     if null_timestamps:
         raise UserError(f"{null_timestamps} rows have no timestamp; every row needs its minute")
     if null_services:
@@ -409,21 +455,30 @@ def _read_keys(batches: Iterable[pa.RecordBatch], unit: str) -> _Keys | None:
     position = {name: code for code, name in enumerate(names)}
     minutes = np.concatenate(minutes)
     codes = np.array([position[name] for name in seen], dtype=np.int32)[np.concatenate(codes)]
+    # Every step in place or on the smallest dtype: a fresh process pays for each new page it touches.
     first, span = int(minutes.min()), int(minutes.max() - minutes.min()) + 1
     if span * len(names) < 2**62:  # one int64 key: its stable sort is lexsort((minutes, codes)), faster
-        order = np.argsort(codes.astype(np.int64) * span + (minutes - first), kind="stable")
+        key = codes.astype(np.int64)
+        key *= span
+        key += minutes
+        key -= first
+        order = np.argsort(key, kind="stable")
+        del key
     else:
         order = np.lexsort((minutes, codes))
     minutes, codes = minutes[order], codes[order]
-    duplicate = (np.diff(minutes) == 0) & (np.diff(codes) == 0)
+    duplicate = minutes[1:] == minutes[:-1]
+    duplicate &= codes[1:] == codes[:-1]
     if duplicate.any():
         at = int(np.flatnonzero(duplicate)[0])
         raise UserError(
             f"{int(duplicate.sum())} duplicate (service, minute) rows, e.g. {names[codes[at]]} at "
             f"{format_minute(minutes[at])}; the store must hold one row per service and minute"
         )
-    destination = np.empty_like(order)
-    destination[order] = np.arange(len(order))
+    del duplicate
+    index_dtype = np.int32 if len(order) < 2**31 else np.int64
+    destination = np.empty(len(order), dtype=index_dtype)
+    destination[order] = np.arange(len(order), dtype=index_dtype)
     return _Keys(minutes, codes, names, destination)
 
 
@@ -432,10 +487,16 @@ MAX_LATENCY_MS = 3_600_000.0
 
 
 def _read_values(
-    batches: Iterable[pa.RecordBatch], keys: _Keys, features: Sequence[str], unit: str
+    pieces: Sequence[ds.ParquetFileFragment],
+    piece_rows: Sequence[int],
+    read: Callable[[ds.ParquetFileFragment], pa.Table],
+    keys: _Keys,
+    features: Sequence[str],
+    unit: str,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """(n_rows, n_features) float32 features and (n_rows,) float32 target, each batch written
-    straight to its rows' sorted places, and the count per column of values read as missing.
+    """(n_rows, n_features) float32 features and (n_rows,) float32 target, each row group written
+    straight to its rows' sorted places (by threads, each its own rows), and the count per column
+    of values read as missing.
 
     Infinities (a rate() over a counter reset, a division by zero requests) and latencies that
     cannot be (negative, over ``MAX_LATENCY_MS``) become NaN, so they are handled like any
@@ -444,27 +505,46 @@ def _read_values(
     n = len(keys.minutes)
     matrix = np.empty((n, len(features)), dtype=np.float32)
     target = np.empty(n, dtype=np.float32)
-    invalid = dict.fromkeys([*features, TARGET_COLUMN], 0)
-    offset = 0
-    for batch in batches:
-        place = keys.destination[offset : offset + batch.num_rows]
-        if len(place) < batch.num_rows or not np.array_equal(keys.minutes[place], _minutes(batch.column(0), unit)):
-            raise UserError("the feature store changed while it was being read; read it again")
-        block = np.empty((batch.num_rows, len(features)), dtype=np.float32)
-        for j, name in enumerate(features):
-            block[:, j] = _as_float(batch.column(name))
-            invalid[name] += _drop_invalid(block[:, j], name)
-        matrix[place] = block
-        latency = _as_float(batch.column(TARGET_COLUMN)).astype(np.float32)
-        if TARGET_COLUMN not in features:  # else counted above, as a feature
-            invalid[TARGET_COLUMN] += _drop_invalid(latency, TARGET_COLUMN)
-        else:
-            _drop_invalid(latency, TARGET_COLUMN)
-        target[place] = latency
-        offset += batch.num_rows
-    if offset != n:
+    offsets = np.concatenate([[0], np.cumsum(piece_rows)]).astype(np.int64)
+    if offsets[-1] != n:
         raise UserError("the feature store changed while it was being read; read it again")
+
+    def write(position: int) -> dict[str, int]:
+        table = read(pieces[position])
+        place = keys.destination[offsets[position] : offsets[position + 1]]
+        if table.num_rows != len(place) or not np.array_equal(keys.minutes[place], _minutes(table.column(0), unit)):
+            raise UserError("the feature store changed while it was being read; read it again")
+        invalid = dict.fromkeys([*features, TARGET_COLUMN], 0)
+        block = np.empty((len(place), len(features)), dtype=np.float32)
+        for j, name in enumerate(features):
+            block[:, j] = _as_float(table.column(name))
+            invalid[name] += _drop_invalid(block[:, j], name)
+        latency = _as_float(table.column(TARGET_COLUMN)).astype(np.float32)
+        dropped = _drop_invalid(latency, TARGET_COLUMN)
+        if TARGET_COLUMN not in features:  # else counted above, as a feature
+            invalid[TARGET_COLUMN] += dropped
+        del table
+        _scatter(matrix, place, block)
+        _scatter(target, place, latency)
+        return invalid
+
+    invalid = dict.fromkeys([*features, TARGET_COLUMN], 0)
+    for counts in parallel_map(write, range(len(pieces))):
+        for name, count in counts.items():
+            invalid[name] += count
     return matrix, target, {name: count for name, count in invalid.items() if count}
+
+
+def _scatter(out: np.ndarray, place: np.ndarray, values: np.ndarray) -> None:
+    """``out[place] = values``, by slices where ``place`` runs in steps of one (a store sorted by
+    service within each file has a run per service): a copy per run instead of one per row."""
+    breaks = np.flatnonzero(np.diff(place) != 1) + 1
+    if len(breaks) * _MIN_RUN > len(place):
+        out[place] = values
+        return
+    bounds = [0, *breaks.tolist(), len(place)]
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        out[place[first] : place[first] + last - first] = values[first:last]
 
 
 def _drop_invalid(values: np.ndarray, name: str) -> int:
@@ -477,7 +557,7 @@ def _drop_invalid(values: np.ndarray, name: str) -> int:
     return int(bad.sum())
 
 
-def _as_float(column: pa.Array) -> np.ndarray:
+def _as_float(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Numeric column as a float array, nulls as NaN."""
     if not pa.types.is_floating(column.type):
         column = pc.cast(column, pa.float64())

@@ -171,6 +171,25 @@ def test_scaler_by_hand():
         data.FeatureScaler().fit(features, np.zeros(4, dtype=bool))
 
 
+def test_scaler_pools_its_chunks_into_standard_scalers_fit(monkeypatch, rng):
+    """Chunk by chunk (3 rows each here), NaNs ignored: the mean and variance StandardScaler
+    finds on the transformed training rows at once."""
+    from sklearn.preprocessing import StandardScaler
+
+    features = (rng.lognormal(2.0, 1.5, size=(40, 3)) * rng.choice([-1, 1], size=(40, 3))).astype(np.float32)
+    features[rng.random((40, 3)) < 0.2] = np.nan
+    features[:, 2] = np.nan  # never seen: constant 0
+    rows = rng.random(40) < 0.7
+    monkeypatch.setattr(data, "_CHUNK_ROWS", 3)
+    fitted = data.FeatureScaler("log1p").fit(features, rows).scaler
+    transformed = np.sign(features[rows]) * np.log1p(np.abs(features[rows]))
+    reference = StandardScaler().fit(transformed[:, :2])
+    np.testing.assert_allclose(fitted.mean_[:2], reference.mean_, rtol=1e-6)
+    np.testing.assert_allclose(fitted.var_[:2], reference.var_, rtol=1e-5)
+    np.testing.assert_array_equal(fitted.n_samples_seen_[:2], reference.n_samples_seen_)
+    assert fitted.mean_[2] == 0.0 and fitted.scale_[2] == 1.0 and fitted.n_samples_seen_[2] == 0
+
+
 def test_constant_feature_scales_to_zero_not_nan(tiny_store):
     table = store.load_feature_store(tiny_store)
     scaler = data.FeatureScaler().fit(table.features, np.ones(len(table), dtype=bool))

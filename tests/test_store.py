@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from latency_forecast import store
+from latency_forecast import data, store
 from latency_forecast.config import StoreConfig, TimeRangeConfig
 from latency_forecast.data import format_minute, to_minute
 from latency_forecast.errors import UserError
@@ -76,6 +76,25 @@ def test_rows_from_many_row_groups_land_sorted_whatever_their_order(tmp_path):
     np.testing.assert_array_equal(table.features[:, 0], expected["cpu"].to_numpy(np.float32))
     np.testing.assert_array_equal(table.target, expected["target_latency_p99"].to_numpy(np.float32))
     assert (np.diff(table.minutes)[np.diff(table.service_codes) == 0] == 1).all()
+
+
+@pytest.mark.parametrize("threads, min_run", [(1, 1), (4, 1), (4, 10**9)])
+def test_day_files_sorted_by_service_land_sorted_by_runs_or_rows_alike(tmp_path, monkeypatch, threads, min_run):
+    """The layout write_feature_store makes (one file per day, services in runs): each run is one
+    slice copy (min_run 1) or every row is placed on its own (min_run huge), read by one or four
+    threads; all give the (service, minute) order."""
+    frame = hand_frame(services=("b", "a", "c"), minutes=3 * 1440 // 16)
+    frame["timestamp"] = frame["timestamp"].iloc[0] + (frame["timestamp"] - frame["timestamp"].iloc[0]) * 16  # 3 days
+    frame.loc[::11, "cpu"] = np.nan
+    store.write_feature_store(frame, str(tmp_path / "s"))
+    monkeypatch.setattr(data, "WORKER_THREADS", threads)
+    monkeypatch.setattr(store, "_MIN_RUN", min_run)
+    table = store.load_feature_store(str(tmp_path / "s"))
+    expected = frame.sort_values(["service", "timestamp"])
+    assert table.services == ["a", "b", "c"]
+    np.testing.assert_array_equal(table.minutes, expected["timestamp"].map(to_minute).to_numpy())
+    np.testing.assert_array_equal(table.features[:, 0], expected["cpu"].to_numpy(np.float32))
+    np.testing.assert_array_equal(table.target, expected["target_latency_p99"].to_numpy(np.float32))
 
 
 @pytest.mark.parametrize(
