@@ -154,6 +154,21 @@ def test_persistence_is_compared_at_thresholds_chosen_on_validation(judged):
     assert paged <= report["model"]["false_alarm_episodes_per_service_day"] + 1e-12
 
 
+def test_matched_view_holds_every_other_forecast_to_the_models_fpr_and_skips_its_own_score():
+    # the hand samples' model alerts at FPR 1/3 (one of three non-breaches); upper quantile 1.2x the forecast
+    judged = hand_evaluation(CODES, MINUTES, FORECAST, ACTUAL, THRESHOLD, persistence=PERSISTENCE,
+                             quantiles={"0.5": np.asarray(FORECAST), "0.9": 1.2 * np.asarray(FORECAST)})
+    fpr = judged.model_metrics["false_positive_rate"]
+    on_forecast = evaluation.matched_on_test(judged, AlertRule(threshold=1.0))
+    assert set(on_forecast) == {"persistence", "model_quantile_0.5", "model_quantile_0.9"}
+    on_upper = evaluation.matched_on_test(judged, AlertRule(threshold=1.0, score="quantile_ratio", quantile="0.9"))
+    assert set(on_upper) == {"persistence", "model_forecast", "model_quantile_0.5"}
+    report = evaluation.alerting_report(judged, HORIZON, on_forecast)
+    for label, (source, threshold) in on_forecast.items():
+        assert report[label]["source"] == source and report[label]["false_positive_rate"] <= fpr
+        assert threshold == metrics.threshold_at_rate(judged.ratio(source), judged.breach, fpr)
+
+
 def test_metrics_report_sections(tiny_fit, judged):
     trained, evaluations = judged
     report = evaluation.metrics_report(trained, evaluations, tiny_fit.table.services, AlertConfig(0.05))
