@@ -417,6 +417,8 @@ def _piece_keys(table: pa.Table, unit: str) -> _PieceKeys:
     stamps, services = table.column(0), table.column(1)
     if stamps.null_count or services.null_count:
         return _PieceKeys(None, None, [], stamps.null_count, services.null_count)
+    if pa.types.is_dictionary(services.type):  # chunks may carry their own dictionaries: one for all
+        services = table.unify_dictionaries().column(1)
     services = services.combine_chunks() if table.num_rows else pa.array([], type=pa.string())
     encoded = services if pa.types.is_dictionary(services.type) else services.dictionary_encode()
     indices = encoded.indices.to_numpy(zero_copy_only=False)

@@ -217,3 +217,13 @@ def test_a_store_without_the_models_features_is_named_as_such(tmp_path):
     with pytest.raises(UserError, match="the store does not hold the model's features .*'queue'"):
         store.load_model_features(path, ["cpu", "queue"], None, None)
     assert store.load_model_features(path, ["cpu"], None, None).feature_columns == ["cpu"]
+
+
+def test_row_group_keys_whose_chunks_carry_their_own_service_dictionaries():
+    """A row group can come back in chunks with different dictionaries (a writer's dictionary
+    fallback): the keys name each row's own service."""
+    services = pa.chunked_array([pa.array(["x", "y"]).dictionary_encode(), pa.array(["z", "x"]).dictionary_encode()])
+    stamps = pa.array([0, 60_000, 0, 120_000], pa.timestamp("ms"))
+    keys = store._piece_keys(pa.table({"timestamp": stamps, "service": services}), "ms")
+    assert [keys.names[i] for i in keys.indices] == ["x", "y", "z", "x"]
+    assert keys.minutes.tolist() == [0, 1, 0, 2]
