@@ -90,26 +90,33 @@ def calibrate_threshold(score: np.ndarray, breach: np.ndarray, target_fpr: float
     never push the rate over the target. With fewer than ``1 / target_fpr - 1`` negatives no
     score guarantees it and the threshold is above all of them (alerts only beyond anything seen).
     """
-    negatives = np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])
+    negatives = _sorted_negatives(score, breach)
     n = len(negatives)
     if n == 0:
         return None
-    rank = int(np.ceil((n + 1) * (1 - target_fpr) - 1e-9))
-    if rank < 1:
-        return float(negatives[0])
-    return float(np.nextafter(negatives[min(rank, n) - 1], np.inf))
+    return _just_above(negatives, int(np.ceil((n + 1) * (1 - target_fpr) - 1e-9)))
 
 
 def threshold_at_rate(score: np.ndarray, breach: np.ndarray, false_positive_rate: float) -> float | None:
     """The most sensitive threshold whose false positive rate on these very samples is at most
     ``false_positive_rate`` (in-sample: for comparing alerts at one FPR, never for choosing one)."""
-    negatives = np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])
+    negatives = _sorted_negatives(score, breach)
     if len(negatives) == 0:
         return None
-    allowed = int(np.floor(false_positive_rate * len(negatives) + 1e-9))
-    if allowed >= len(negatives):
+    return _just_above(negatives, len(negatives) - int(np.floor(false_positive_rate * len(negatives) + 1e-9)))
+
+
+def _sorted_negatives(score: np.ndarray, breach: np.ndarray) -> np.ndarray:
+    return np.sort(np.asarray(score, dtype=np.float64)[~np.asarray(breach, dtype=bool)])
+
+
+def _just_above(negatives: np.ndarray, rank: int) -> float:
+    """The threshold that lets through the negatives above the ``rank``-th smallest (alerts fire
+    at ``score >= threshold``, so it sits just above it, and ties never add false positives);
+    rank < 1: the smallest negative (every negative alerts)."""
+    if rank < 1:
         return float(negatives[0])
-    return float(np.nextafter(negatives[len(negatives) - allowed - 1], np.inf))
+    return float(np.nextafter(negatives[min(rank, len(negatives)) - 1], np.inf))
 
 
 def ranking_metrics(score: np.ndarray, breach: np.ndarray) -> dict[str, float | None]:
