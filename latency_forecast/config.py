@@ -110,6 +110,9 @@ class DataConfig:
         return self.embargo_minutes or self.window_minutes
 
 
+MAX_AUTO_ENSEMBLE = 5  # --ensemble-size auto never trains more networks than this
+
+
 @dataclass
 class ModelConfig:
     """The recurrent forecaster."""
@@ -135,6 +138,12 @@ class ModelConfig:
         "also forecast these quantiles of the p99 at t+H (pinball loss), comma-separated levels in (0, 1), "
         "so every forecast carries an interval and alerts can fire on an upper bound (--alert-on); none: no quantiles",
     )
+    ensemble_size: int = _setting(
+        0,
+        "networks trained side by side from different initial weights, their forecasts averaged; 0 (auto): "
+        f"as many as fill --samples-per-epoch with the store's training windows, 1 to {MAX_AUTO_ENSEMBLE} "
+        "(a small store's one network is a lottery of its seed; a large store's epoch is already full)",
+    )
 
     @property
     def quantile_levels(self) -> tuple[float, ...]:
@@ -159,6 +168,7 @@ class ModelConfig:
         _require(self.num_layers >= 1, "--num-layers must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
         _require(self.service_embedding_dim >= 0, "--service-embedding-dim must be 0 or more")
+        _require(self.ensemble_size >= 0, "--ensemble-size must be 0 (auto) or more")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreC
 from latency_forecast.data import FeatureScaler, SeriesTable, TargetNormalizer, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.explain import Background
-from latency_forecast.model import LatencyForecaster
+from latency_forecast.model import Ensemble, LatencyForecaster
 
 # 3: quantile outputs (model.quantiles) and the scaler's fingerprint; 2: a model that reads the
 # latency's history forecasts the change from the latency at t and is explained through a cause model
@@ -83,7 +83,7 @@ class PreparedSeries:
 class Forecaster:
     """Everything needed to turn telemetry into forecasts and alerts, saved together in the checkpoint."""
 
-    model: LatencyForecaster
+    model: LatencyForecaster | Ensemble
     scaler: FeatureScaler
     target_normalizer: TargetNormalizer
     services: list[str]
@@ -104,7 +104,7 @@ class Forecaster:
     run_id: str | None = None  # the train.py run that wrote it (metrics.json has the same)
 
     @property
-    def explained_model(self) -> LatencyForecaster:
+    def explained_model(self) -> LatencyForecaster | Ensemble:
         """The network whose forecasts the Shapley values explain: the cause model if there is one."""
         if self.cause_model is not None:
             return self.cause_model
@@ -280,7 +280,7 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu() for key, value in model.state_dict().items()}
 
 
-def _with_weights(model: LatencyForecaster, state: dict, what: str, device: torch.device) -> LatencyForecaster:
+def _with_weights(model: torch.nn.Module, state: dict, what: str, device: torch.device) -> torch.nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -299,13 +299,33 @@ def reads_latency_history(feature_columns: Sequence[str]) -> bool:
 
 def build_model(
     feature_columns: Sequence[str], n_services: int, model_config: ModelConfig, normalizer: TargetNormalizer
-) -> LatencyForecaster:
+) -> LatencyForecaster | Ensemble:
     """The network for this config, carrying the target statistics its head mixes with; it
-    forecasts the change from the latency at t when it reads that latency's history."""
-    return LatencyForecaster(
-        len(feature_columns), n_services, model_config, normalizer.location, normalizer.scale, normalizer.pooled,
-        anchored=reads_latency_history(feature_columns) and model_config.anchor == "auto",
-    )
+    forecasts the change from the latency at t when it reads that latency's history. With
+    ``ensemble_size`` above 1, that many such networks (an unresolved auto size builds one)."""
+
+    def network() -> LatencyForecaster:
+        return LatencyForecaster(
+            len(feature_columns), n_services, model_config, normalizer.location, normalizer.scale, normalizer.pooled,
+            anchored=reads_latency_history(feature_columns) and model_config.anchor == "auto",
+        )
+
+    if model_config.ensemble_size <= 1:
+        return network()
+    return Ensemble([network() for _ in range(model_config.ensemble_size)])
+
+
+def auto_ensemble_size(training_windows: int, samples_per_epoch: int) -> int:
+    """``--ensemble-size 0``: as many networks as the training windows fill an epoch of
+    ``samples_per_epoch`` (each network sees every window once an epoch), 1 to MAX_AUTO_ENSEMBLE.
+
+    The compute of an epoch then stays within that of a store large enough to fill one, while
+    the stores too small for that, where one network's seed decides its test MAE more than any
+    setting does, get the mean of several.
+    """
+    if not samples_per_epoch:
+        return 1
+    return max(1, min(config.MAX_AUTO_ENSEMBLE, samples_per_epoch // max(training_windows, 1)))
 
 
 def cause_columns(feature_columns: Sequence[str]) -> list[int]:
@@ -318,7 +338,7 @@ def build_cause_model(
 ) -> LatencyForecaster:
     """The cause model's network: the forecaster's settings, level forecast, telemetry columns only."""
     columns = cause_columns(feature_columns)
-    settings = dataclasses.replace(model_config, anchor="none", multitask=False, quantiles="none")
+    settings = dataclasses.replace(model_config, anchor="none", multitask=False, quantiles="none", ensemble_size=1)
     return LatencyForecaster(
         len(columns), n_services, settings, normalizer.location, normalizer.scale, normalizer.pooled, input_columns=columns
     )
@@ -386,6 +406,15 @@ def fit_forecaster(
         )
     train_ends = prepared.samples(fit_range, "training")
     stop_ends = prepared.samples(stop_range, "early-stopping (validation)")
+    if model_config.ensemble_size == 0:  # auto: resolved here, recorded in the checkpoint's config
+        windows = int(distributed.all_reduce(np.array([len(train_ends)]))[0])  # under torchrun, every rank's
+        model_config = dataclasses.replace(model_config, ensemble_size=auto_ensemble_size(windows, training_config.samples_per_epoch))
+        forecaster.model_config = model_config
+        if model_config.ensemble_size > 1:
+            torch.manual_seed(training_config.seed)  # its first network starts where a single one would
+            forecaster.model = build_model(forecaster.feature_columns, len(forecaster.services), model_config, forecaster.target_normalizer)
+            forecaster.model.to(forecaster.device)
+            log(f"{windows:,} training windows fill {model_config.ensemble_size} networks' epochs: training an ensemble of {model_config.ensemble_size}")
     history = training.fit(forecaster.model, prepared.tensors, train_ends, stop_ends, training_config, progress, log, resume)
     return forecaster, prepared, history
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from latency_forecast import artifacts, distributed
 from latency_forecast.config import TrainingConfig
 from latency_forecast.errors import UserError
-from latency_forecast.model import Outputs
+from latency_forecast.model import Ensemble, Outputs
 
 PREDICT_BATCH_SIZE = 8192
 
@@ -122,15 +122,17 @@ SPIKE_Z = 3.0  # a latency this many of its service's robust standard deviations
 
 
 def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-batch loss; spikes weigh ``1 + spike_weight`` because they are rare and they are the point."""
+    """Per-batch loss of (batch,) or (networks, batch) forecasts (the mean of each network's);
+    spikes weigh ``1 + spike_weight`` because they are rare and they are the point."""
 
     def loss(prediction: torch.Tensor, target: torch.Tensor, spike: torch.Tensor) -> torch.Tensor:
+        target = target.expand_as(prediction)
         if config.loss == "huber":
             per_sample = F.huber_loss(prediction, target, delta=config.huber_delta, reduction="none")
         else:
             per_sample = F.mse_loss(prediction, target, reduction="none")
         weight = 1.0 + config.spike_weight * spike
-        return (per_sample * weight).sum() / weight.sum()
+        return (per_sample * weight).sum() / (weight.sum() * (prediction.numel() // target.shape[-1]))
 
     return loss
 
@@ -168,7 +170,7 @@ def predict(model: nn.Module, series: SeriesTensors, ends: np.ndarray, batch_siz
 
 
 def pinball_loss(quantiles: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Mean pinball (quantile) loss of (batch, n_quantiles) forecasts at ``levels`` (n_quantiles,)."""
+    """Mean pinball (quantile) loss of (..., batch, n_quantiles) forecasts at ``levels`` (n_quantiles,)."""
     error = target[:, None] - quantiles
     return torch.maximum(levels * error, (levels - 1) * error).mean()
 
@@ -176,9 +178,10 @@ def pinball_loss(quantiles: torch.Tensor, target: torch.Tensor, levels: torch.Te
 def _batch_loss(
     model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, levels: torch.Tensor | None
 ) -> torch.Tensor:
-    """Regression loss, plus the quantiles' pinball loss and a multitask model's weighted breach BCE."""
+    """Regression loss, plus the quantiles' pinball loss and a multitask model's weighted breach BCE,
+    each network's own (an ensemble's networks learn side by side, not as one averaged forecast)."""
     windows, services, target = series.batch(ends)
-    outputs = model(windows, services, series.current(ends), full=True)
+    outputs = model(windows, services, series.current(ends), members=True)
     spike = series.spike[ends + series.horizon] if series.spike is not None else target > SPIKE_Z
     total = loss(outputs.forecast, target, spike)
     if outputs.quantiles is not None:
@@ -186,7 +189,8 @@ def _batch_loss(
         total = total + config.quantile_loss_weight * pinball_loss(outputs.quantiles, target, levels)
     if outputs.breach_logit is not None:
         pos_weight = torch.tensor(config.breach_pos_weight, device=target.device)
-        breach_loss = F.binary_cross_entropy_with_logits(outputs.breach_logit, series.breach_labels(ends), pos_weight=pos_weight)
+        labels = series.breach_labels(ends).expand_as(outputs.breach_logit)
+        breach_loss = F.binary_cross_entropy_with_logits(outputs.breach_logit, labels, pos_weight=pos_weight)
         total = total + config.breach_loss_weight * breach_loss
     return total
 
@@ -271,6 +275,8 @@ def fit(
     # halve the step when validation stalls: the loss is spiky, and a smaller step settles it
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.lr_patience)
     loss = _loss_function(config)
+    # an ensemble's networks train as if alone: their own gradients, clipped each (Adam is per weight)
+    networks = list(model.members) if isinstance(model, Ensemble) else [model]
     train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
     validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
     total_train = int(distributed.all_reduce(np.array([len(train_ends)]))[0]) if world_size > 1 else len(train_ends)
@@ -305,8 +311,9 @@ def fit(
             batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.quantile_levels)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
-            if config.gradient_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
+            if config.gradient_clip:  # each network's own norm: its loss is 1/len(networks) of the batch loss
+                for network in networks:
+                    nn.utils.clip_grad_norm_(network.parameters(), config.gradient_clip / len(networks))
             optimizer.step()
             running += batch_loss.detach()
             if show and step % 50 == 0:  # reading the loss syncs the device: not every step

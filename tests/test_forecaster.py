@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from latency_forecast import data, explain, forecaster, training
+from latency_forecast import config, data, explain, forecaster, store, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
 from latency_forecast.config import DataConfig, ModelConfig, StoreConfig, TimeRangeConfig
 from latency_forecast.data import TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.forecaster import Forecaster
-from tests.helpers import TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG, hand_frame, quiet, table_of
+from latency_forecast.model import Ensemble, LatencyForecaster
+from tests.helpers import TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG, fit_tiny, hand_frame, quiet, table_of
 
 
 def _with_background(fit):
@@ -218,3 +219,36 @@ def test_settings_are_the_checkpoints_config(tiny_fit):
     with_store = dataclasses.replace(trained, store_config=StoreConfig("s"), time_range_config=TimeRangeConfig("2024-05-01"))
     assert list(with_store.settings)[0] == "store"
     assert with_store.settings["store"] == {"feature_store_path": "s", "start_ts": "2024-05-01", "end_ts": None}
+
+
+def test_auto_ensemble_size_fills_an_epoch_and_is_bounded():
+    assert forecaster.auto_ensemble_size(3_000, 100_000) == 5  # a two-day store: the cap
+    assert forecaster.auto_ensemble_size(30_000, 100_000) == 3
+    assert forecaster.auto_ensemble_size(60_000, 100_000) == 1
+    assert forecaster.auto_ensemble_size(2_000_000, 100_000) == 1
+    assert forecaster.auto_ensemble_size(10, 0) == 1, "--samples-per-epoch 0 (all windows): one network"
+
+
+def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_kept(tiny_store, tmp_path):
+    tiny_table = store.load_feature_store(tiny_store, store.load_feature_store(tiny_store).feature_columns)
+    many = dataclasses.replace(TINY_TRAINING_CONFIG, samples_per_epoch=10**7)
+    fit = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=0), many)
+    model = fit.forecaster.model
+    assert isinstance(model, Ensemble) and len(model.members) == config.MAX_AUTO_ENSEMBLE
+    assert fit.forecaster.model_config.ensemble_size == config.MAX_AUTO_ENSEMBLE, "the resolved size is what the checkpoint records"
+    weights = [member.rnn.weight_ih_l0 for member in model.members]
+    assert not torch.equal(weights[0], weights[1]), "the networks start from different weights"
+    single = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=1), many)
+    assert isinstance(single.forecaster.model, LatencyForecaster)
+
+    checkpoint, scaler = _save_and_load(fit.forecaster, tmp_path)
+    restored = Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
+    assert isinstance(restored.model, Ensemble) and len(restored.model.members) == config.MAX_AUTO_ENSEMBLE
+    ends = fit.ends["test"]
+    mine, theirs = restored.predict(restored.prepare(tiny_table), ends), fit.forecaster.predict(fit.prepared, ends)
+    np.testing.assert_array_equal(mine.ms, theirs.ms)
+    for name in theirs.quantiles:
+        np.testing.assert_array_equal(mine.quantiles[name], theirs.quantiles[name])
+    # the ensemble's forecast is its networks' mean in the standardised log space
+    each = torch.stack([member(*fit.prepared.tensors.windows(torch.as_tensor(ends)), fit.prepared.tensors.current(torch.as_tensor(ends))) for member in model.members])
+    np.testing.assert_allclose(training.predict(model, fit.prepared.tensors, ends).forecast, each.mean(0).detach().numpy(), rtol=1e-5, atol=1e-6)

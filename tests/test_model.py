@@ -1,5 +1,5 @@
 """model.py: the recurrent forecaster's shapes, its two-part head and quantiles checked by hand,
-anchoring on the latency at t, and a model that reads only some input columns."""
+anchoring on the latency at t, a model that reads only some input columns, and an ensemble."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latency_forecast.config import ModelConfig
-from latency_forecast.model import LatencyForecaster
+from latency_forecast.model import Ensemble, LatencyForecaster
 
 
 def _set_head(model, bias):
@@ -84,3 +84,24 @@ def test_a_model_of_some_columns_never_reads_the_others():
     assert not torch.equal(model(changed, codes), model(windows, codes))
     with pytest.raises(ValueError, match="3 input columns for a model of 2 features"):
         LatencyForecaster(2, 1, ModelConfig(hidden_size=4), input_columns=[0, 1, 2])
+
+
+def test_an_ensemble_averages_its_networks_outputs_and_its_quantiles_never_cross():
+    settings = ModelConfig(hidden_size=4, dropout=0.0, quantiles="0.5,0.9", multitask=True)
+    # point 1 and 3 (relative part), quantile steps that differ, breach logits 0 and 2
+    first = _set_head(LatencyForecaster(2, 1, settings), [1.0, -50.0, 0.0, -1.0, 0.0])
+    second = _set_head(LatencyForecaster(2, 1, settings), [3.0, -50.0, 1.0, 2.0, 2.0])
+    ensemble = Ensemble([first, second]).eval()
+    windows, codes = torch.randn(3, 4, 2), torch.tensor([0, 0, 0])
+    torch.testing.assert_close(ensemble(windows, codes), torch.full((3,), 2.0))
+    full = ensemble(windows, codes, full=True)
+    a, b = first(windows, codes, full=True), second(windows, codes, full=True)
+    torch.testing.assert_close(full.quantiles, (a.quantiles + b.quantiles) / 2)
+    torch.testing.assert_close(full.breach_logit, torch.full((3,), 1.0))
+    assert bool((full.quantiles[:, 1] >= full.quantiles[:, 0]).all())
+    each = ensemble(windows, codes, members=True)
+    assert each.forecast.shape == (2, 3) and each.quantiles.shape == (2, 3, 2) and each.breach_logit.shape == (2, 3)
+    one = first(windows, codes, members=True)
+    assert one.forecast.shape == (1, 3) and one.quantiles.shape == (1, 3, 2)
+    with pytest.raises(ValueError, match="at least two"):
+        Ensemble([first])
