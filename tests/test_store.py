@@ -97,6 +97,31 @@ def test_day_files_sorted_by_service_land_sorted_by_runs_or_rows_alike(tmp_path,
     np.testing.assert_array_equal(table.target, expected["target_latency_p99"].to_numpy(np.float32))
 
 
+def test_sorting_by_runs_gives_the_full_sorts_places_or_declines():
+    """Rows in runs of one service at rising minutes are placed by sorting the runs alone; runs
+    of a service that overlap in time, or a minute twice, are left to the full sort."""
+    rng = np.random.default_rng(0)
+    days = [rng.permutation(5) for _ in range(4)]  # 4 day files, 5 services each in its own order
+    minutes = np.concatenate([np.arange(day * 100, day * 100 + 100) for day, order in enumerate(days) for _ in order])
+    codes = np.concatenate([np.full(100, code, dtype=np.int32) for order in days for code in order])
+    minutes = np.delete(minutes, [5, 250, 251]); codes = np.delete(codes, [5, 250, 251])  # gaps inside runs
+    sorted_minutes, sorted_codes, destination = store._sort_by_runs(minutes, codes, np.int32)
+    order = np.lexsort((minutes, codes))
+    np.testing.assert_array_equal(sorted_minutes, minutes[order])
+    np.testing.assert_array_equal(sorted_codes, codes[order])
+    np.testing.assert_array_equal(destination[order], np.arange(len(order)))
+    assert destination.dtype == np.int32
+
+    overlapping = minutes.copy()
+    second_day = (codes == codes[0]) & (minutes >= 100) & (minutes < 200)
+    overlapping[second_day] -= 150  # the first service's day-2 run now overlaps its day-1 run
+    assert store._sort_by_runs(overlapping, codes, np.int32) is None
+    twice = np.append(minutes, minutes[7]), np.append(codes, codes[7])  # one (service, minute) twice
+    assert store._sort_by_runs(*twice, np.int32) is None
+    interleaved = np.repeat(np.arange(200), 5), np.tile(np.arange(5, dtype=np.int32), 200)  # one row per service per minute
+    assert store._sort_by_runs(*interleaved, np.int32) is None
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
