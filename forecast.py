@@ -90,12 +90,13 @@ def _print_summary(report: dict, settings: ForecastConfig, seconds: float) -> No
         f"{summary['alerts']} alerting; {summary['stale']} stale, {summary['gap']} with gaps, "
         f"{summary['missing']} missing, {summary['unknown_service']} unknown"
     )
-    print(f"{'service':<24}{'status':<16}{'now ms':>9}{'forecast ms':>13}{'threshold':>11}  alert  top cause")
+    width = max([24, *(len(entry["service"]) + 2 for entry in report["forecasts"])])  # long names keep the columns apart
+    print(f"{'service':<{width}}{'status':<16}{'now ms':>9}{'forecast ms':>13}{'threshold':>11}  alert  top cause")
     for entry in report["forecasts"]:
         cause = entry["causes"][0] if entry["causes"] else None
         top = "" if cause is None else f"{cause['feature']} ({cause['score']:+.0f} ms)"
         print(
-            f"{entry['service']:<24}{entry['status']:<16}{_number(entry['current_latency_ms']):>9}"
+            f"{entry['service']:<{width}}{entry['status']:<16}{_number(entry['current_latency_ms']):>9}"
             f"{_number(entry['forecast_ms']):>13}{_number(entry['latency_threshold_ms']):>11}  "
             f"{'ALERT' if entry['alert'] else '':<5}  {top}"
         )
