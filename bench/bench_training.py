@@ -122,7 +122,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
         help="torch CPU threads for both (default: %(default)s; 0 keeps torch's default). On a 2-core machine "
         "shared with other jobs, 2 threads make every step wait for a descheduled thread and times swing 10x",
     )
-    parser.add_argument("--sizes", default="64x1,64x2", help="hidden x layers, comma-separated (default: %(default)s, 64x1 the default model)")
+    parser.add_argument("--sizes", default="64x1,64x2", help="hidden x layers, comma-separated (default: %(default)s; one network each, as Darts trains)")
     parser.add_argument("--days", type=int, default=8, help="days of the generated 8-service store (default: %(default)s)")
     args = parser.parse_args(argv)
     training.configure_threads(args.threads)

@@ -110,7 +110,8 @@ class DataConfig:
         return self.embargo_minutes or self.window_minutes
 
 
-MAX_AUTO_ENSEMBLE = 5  # --ensemble-size auto never trains more networks than this
+MIN_AUTO_ENSEMBLE = 3  # --ensemble-size auto trains at least this many networks
+MAX_AUTO_ENSEMBLE = 5  # and never more than this
 
 
 @dataclass
@@ -118,7 +119,7 @@ class ModelConfig:
     """The recurrent forecaster."""
 
     cell: str = _setting("lstm", "recurrent cell", choices=("lstm", "gru"))
-    hidden_size: int = _setting(64, "units per recurrent layer")
+    hidden_size: int = _setting(32, "units per recurrent layer (of each network of an ensemble)")
     num_layers: int = _setting(1, "stacked recurrent layers")
     dropout: float = _setting(0.1, "dropout between recurrent layers and before the head")
     service_embedding_dim: int = _setting(
@@ -141,8 +142,8 @@ class ModelConfig:
     ensemble_size: int = _setting(
         0,
         "networks trained side by side from different initial weights, their forecasts averaged; 0 (auto): "
-        f"as many as fill --samples-per-epoch with the store's training windows, 1 to {MAX_AUTO_ENSEMBLE} "
-        "(a small store's one network is a lottery of its seed; a large store's epoch is already full)",
+        f"as many as fill --samples-per-epoch with the store's training windows, {MIN_AUTO_ENSEMBLE} to {MAX_AUTO_ENSEMBLE} "
+        "(the mean of several networks beats one on every development store; one network's seed is a lottery)",
     )
 
     @property

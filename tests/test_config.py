@@ -45,7 +45,7 @@ def test_help_shows_the_documented_defaults():
             "--validation-fraction": "0.15",
             "--test-fraction": "0.15",
             "--cell": "lstm",
-            "--hidden-size": "64",
+            "--hidden-size": "32",
             "--epochs": "20",
             "--seed": "0",
             "--device": "auto",

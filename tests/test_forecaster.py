@@ -223,10 +223,10 @@ def test_settings_are_the_checkpoints_config(tiny_fit):
 
 def test_auto_ensemble_size_fills_an_epoch_and_is_bounded():
     assert forecaster.auto_ensemble_size(3_000, 100_000) == 5  # a two-day store: the cap
-    assert forecaster.auto_ensemble_size(30_000, 100_000) == 3
-    assert forecaster.auto_ensemble_size(60_000, 100_000) == 1
-    assert forecaster.auto_ensemble_size(2_000_000, 100_000) == 1
-    assert forecaster.auto_ensemble_size(10, 0) == 1, "--samples-per-epoch 0 (all windows): one network"
+    assert forecaster.auto_ensemble_size(25_000, 100_000) == 4
+    assert forecaster.auto_ensemble_size(60_000, 100_000) == 3, "never fewer than three"
+    assert forecaster.auto_ensemble_size(2_000_000, 100_000) == 3
+    assert forecaster.auto_ensemble_size(10, 0) == 3, "--samples-per-epoch 0 (all windows): the fewest"
 
 
 def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_kept(tiny_store, tmp_path):

@@ -68,6 +68,9 @@ def judge(judged: evaluation.Evaluation, compared: dict[str, tuple[str, float]],
     coverage = evaluation.quantile_report(judged)
     if coverage:
         line.append("coverage " + " ".join(f"{name}:{_number(block['coverage'], '{:.3f}')}" for name, block in coverage.items()))
+        if "0.5" in coverage:  # the median's MAE (twice its pinball loss): the forecast that minimises MAE in ms
+            pinball = coverage["0.5"]["pinball_loss_ms"]
+            line.append(f"median MAE {_number(None if pinball is None else 2 * pinball, '{:.2f}')} (point {model_mae:.2f})")
     return "  ".join(line)
 
 
