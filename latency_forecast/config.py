@@ -240,19 +240,20 @@ class AlertConfig:
         False, "calibrate one alert threshold per service (services with too few validation negatives use the global one)"
     )
     alert_on: str = _setting(
-        "forecast",
+        "auto",
         "what the alert thresholds: forecast (the point forecast over the latency threshold) or one of --quantiles, "
-        "e.g. 0.9 (the upper bound over the latency threshold); calibrated to --target-fpr either way",
+        "e.g. 0.9 (the upper bound over the latency threshold); auto: the highest of --quantiles above 0.5, else "
+        "the forecast; calibrated to --target-fpr either way",
     )
 
     def __post_init__(self) -> None:
         _require(0 <= self.target_fpr < 1, f"--target-fpr must be in [0, 1), got {self.target_fpr}")
-        if self.alert_on != "forecast":
+        if self.alert_on not in ("auto", "forecast"):
             try:
                 level = float(self.alert_on)
             except ValueError:
                 level = -1.0
-            _require(0 < level < 1, f"--alert-on must be forecast or a quantile level such as 0.9, got {self.alert_on!r}")
+            _require(0 < level < 1, f"--alert-on must be auto, forecast or a quantile level such as 0.9, got {self.alert_on!r}")
 
 
 BASELINES = ("persistence", "gradient_boosting")

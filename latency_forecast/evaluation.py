@@ -249,8 +249,9 @@ def per_service(evaluation: Evaluation, services: Sequence[str]) -> dict[str, di
 
 
 def alert_thresholds_ms(forecaster: Forecaster, services: Sequence[str]) -> dict[str, float] | None:
-    """Per service, the forecast (ms) at which an alert fires; None when alerts fire on a probability."""
-    if forecaster.alert.score != "forecast_ratio":
+    """Per service, the forecast (ms) at which an alert fires (the point forecast, or the quantile
+    alerts fire on); None when alerts fire on a probability."""
+    if forecaster.alert.score not in ("forecast_ratio", "quantile_ratio"):
         return None
     ratios = forecaster.alert.thresholds_for(services)
     latency = forecaster.latency_thresholds.for_services(services)

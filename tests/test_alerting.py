@@ -83,6 +83,18 @@ def test_uncalibrated_rule():
     assert AlertRule.uncalibrated(ModelConfig(multitask=True)) == AlertRule("probability", 0.5)
 
 
+def test_alert_on_auto_takes_the_upper_quantile_and_falls_back_to_the_forecast():
+    assert AlertConfig().alert_on == "auto"
+    assert AlertRule.uncalibrated(ModelConfig(), AlertConfig()) == AlertRule("quantile_ratio", 1.0, quantile="0.9")
+    assert AlertRule.uncalibrated(ModelConfig(quantiles="0.5,0.8,0.95"), AlertConfig()).quantile == "0.95"
+    for quantiles in ("none", "0.5", "0.1,0.5"):
+        assert AlertRule.uncalibrated(ModelConfig(quantiles=quantiles), AlertConfig()) == AlertRule(), quantiles
+    assert AlertRule.uncalibrated(ModelConfig(), AlertConfig(alert_on="forecast")) == AlertRule()
+    assert AlertRule.uncalibrated(ModelConfig(multitask=True), AlertConfig()) == AlertRule("probability", 0.5)
+    with pytest.raises(UserError, match="--alert-on 0.8 is not one of the model's --quantiles"):
+        AlertRule.uncalibrated(ModelConfig(), AlertConfig(alert_on="0.8"))
+
+
 # ----------------------------------------------------------------------------- calibration
 
 

@@ -101,7 +101,7 @@ def test_model_and_persistence_on_exactly_the_same_samples(tiny_fit, judged):
     assert (test.latency_threshold == 300.0).all()
     forecast = trained.predict(tiny_fit.prepared, ends)
     np.testing.assert_array_equal(test.forecast, forecast.ms)
-    np.testing.assert_array_equal(test.score, forecast.ms / 300.0)
+    np.testing.assert_array_equal(test.score, forecast.quantiles["0.9"] / 300.0)  # --alert-on auto: the upper quantile
     assert (test.alert_threshold == trained.alert.threshold).all()
     assert test.model_metrics["n_samples"] == test.persistence_metrics["n_samples"] == len(ends)
 
