@@ -234,7 +234,7 @@ class AlertConfig:
     target_fpr: float = _setting(
         0.01,
         "calibrate the alert threshold on the validation split to the most sensitive one whose "
-        "false positive rate is at most this; 0 alerts when the forecast reaches the latency threshold",
+        "false positive rate is at most this; 0 alerts when the --alert-on forecast reaches the latency threshold",
     )
     calibrate_per_service: bool = _setting(
         False, "calibrate one alert threshold per service (services with too few validation negatives use the global one)"
