@@ -141,7 +141,7 @@ class AlertRule:
         choice = "forecast" if alert_config is None else alert_config.alert_on
         if choice == "auto":
             upper = [level for level in model_config.quantile_levels if level > 0.5]
-            choice = str(max(upper)) if upper else "forecast"
+            return cls("quantile_ratio", 1.0, quantile=quantile_name(max(upper))) if upper else cls()
         if choice == "forecast":
             return cls()
         name = quantile_name(float(choice))
