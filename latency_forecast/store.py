@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -327,6 +327,7 @@ def load_feature_store(
         # exists whole: the keys first, to find each row's place, then the values, written straight there.
         pieces = _pieces(dataset, row_filter)
         piece_keys = _key_pass(dataset, pieces, row_filter, unit)
+        pa.default_memory_pool().release_unused()  # the pool keeps freed pages until asked; not per row group: refaulting costs
         piece_rows = [0 if piece.minutes is None else len(piece.minutes) for piece in piece_keys]
         keys = _read_keys(piece_keys)
         del piece_keys
@@ -338,6 +339,7 @@ def load_feature_store(
         matrix, target, invalid = _read_values(
             pieces, piece_rows, lambda piece: _read_piece(piece, dataset, columns, row_filter), keys, features, unit
         )
+        pa.default_memory_pool().release_unused()
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"cannot read the feature store {path}: {_first_line(error)}; check that all files share one schema") from error
     return SeriesTable(keys.minutes, keys.codes, keys.names, matrix, target, list(features), invalid)
@@ -362,12 +364,11 @@ def _pieces(dataset: ds.Dataset, row_filter: ds.Expression | None) -> list[ds.Pa
 
 
 def _read_piece(piece: ds.ParquetFileFragment, dataset: ds.Dataset, columns: list[str], row_filter: ds.Expression | None) -> pa.Table:
-    """One row group's ``columns``, filtered; the allocator is asked to hand freed pages back."""
+    """One row group's ``columns``, filtered."""
     try:
         table = piece.to_table(schema=dataset.schema, columns=columns, filter=row_filter)
     except (pa.ArrowException, OSError) as error:  # Arrow's message need not name the file
         raise _fragment_error(piece, error) from error
-    pa.default_memory_pool().release_unused()  # it keeps pages freed across threads until asked
     return table
 
 
@@ -434,34 +435,27 @@ def _key_pass(dataset: ds.Dataset, pieces: Sequence[ds.ParquetFileFragment], row
     return parallel_map(lambda piece: _piece_keys(_read_piece(piece, dataset, [TIMESTAMP_COLUMN, SERVICE_COLUMN], row_filter), unit), pieces)
 
 
-def _read_keys(pieces: Iterable[_PieceKeys]) -> _Keys | None:
+def _read_keys(pieces: Sequence[_PieceKeys]) -> _Keys | None:
     """Minutes and service codes of every row, sorted by (service, minute); None without rows."""
-    seen: dict[str, int] = {}  # service name -> code in order of first appearance
-    minutes, codes = [], []
-    null_timestamps = null_services = 0
-    for piece in pieces:
-        null_timestamps += piece.null_timestamps
-        null_services += piece.null_services
-        if null_timestamps or null_services or not len(piece.minutes):
-            continue  # nulls are only counted, for the message
-        lookup = np.array([-1 if name is None else seen.setdefault(name, len(seen)) for name in piece.names], dtype=np.int32)
-        minutes.append(piece.minutes)
-        codes.append(lookup[piece.indices])
+    null_timestamps = sum(piece.null_timestamps for piece in pieces)
+    null_services = sum(piece.null_services for piece in pieces)
     if null_timestamps:
         raise UserError(f"{null_timestamps} rows have no timestamp; every row needs its minute")
     if null_services:
         raise UserError(f"{null_services} rows have no service name; every row needs its service")
-    if not minutes:
+    pieces = [piece for piece in pieces if len(piece.minutes)]
+    if not pieces:
         return None
-    names = sorted(seen)
+    names = sorted({name for piece in pieces for name in piece.names if name is not None})
     position = {name: code for code, name in enumerate(names)}
-    minutes = np.concatenate(minutes)
-    codes = np.array([position[name] for name in seen], dtype=np.int32)[np.concatenate(codes)]
-    index_dtype = np.int32 if len(minutes) < 2**31 else np.int64
+    minutes = [piece.minutes for piece in pieces]
+    codes = [np.array([-1 if name is None else position[name] for name in piece.names], dtype=np.int32)[piece.indices] for piece in pieces]
+    index_dtype = np.int32 if sum(map(len, minutes)) < 2**31 else np.int64
     by_runs = _sort_by_runs(minutes, codes, index_dtype)
     if by_runs is not None:
         return _Keys(*by_runs[:2], names, by_runs[2])
     # Every step in place or on the smallest dtype: a fresh process pays for each new page it touches.
+    minutes, codes = np.concatenate(minutes), np.concatenate(codes)
     first, span = int(minutes.min()), int(minutes.max() - minutes.min()) + 1
     if span * len(names) < 2**62:  # one int64 key: its stable sort is lexsort((minutes, codes)), faster
         key = codes.astype(np.int64)
@@ -487,34 +481,46 @@ def _read_keys(pieces: Iterable[_PieceKeys]) -> _Keys | None:
     return _Keys(minutes, codes, names, destination)
 
 
-def _sort_by_runs(minutes: np.ndarray, codes: np.ndarray, index_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _sort_by_runs(
+    minutes: Sequence[np.ndarray], codes: Sequence[np.ndarray], index_dtype: type
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Sorted minutes, sorted codes and each row's sorted place, without a sort of the rows, when
-    they come in long runs of one service at rising minutes (write_feature_store's day files hold
-    one run per service) and no two runs of a service overlap in time; None otherwise.
+    the row groups' rows (``minutes[i]`` and ``codes[i]`` are the i-th row group's) come in long
+    runs of one service at rising minutes (write_feature_store's day files hold one run per
+    service) and no two runs of a service overlap in time; None otherwise.
 
     Only the runs are sorted (services x files of them): a row's place is its run's place plus
-    its offset in the run. Rows of one minute twice never pass (they end a run, and runs that
-    touch are refused), so duplicates are left to the full sort, which names them.
+    its offset in the run, and nothing of n rows is built but the three results (no concatenated
+    copy of the keys). Rows of one minute twice never pass (they end a run, and runs that touch
+    are refused), so duplicates are left to the full sort, which names them.
     """
-    n = len(minutes)
-    starts = np.flatnonzero((codes[1:] != codes[:-1]) | (minutes[1:] <= minutes[:-1])) + 1
-    if (len(starts) + 1) * _MIN_RUN > n:
+    n = sum(map(len, minutes))
+    local_starts = [np.flatnonzero((piece_codes[1:] != piece_codes[:-1]) | (piece_minutes[1:] <= piece_minutes[:-1])) + 1
+                    for piece_minutes, piece_codes in zip(minutes, codes)]
+    if sum(len(starts) + 1 for starts in local_starts) * _MIN_RUN > n:
         return None
-    starts = np.concatenate([[0], starts])
-    lengths = np.diff(np.append(starts, n))
-    run_codes, first = codes[starts], minutes[starts]
+    local_starts = [np.concatenate([[0], starts]) for starts in local_starts]
+    run_piece = np.concatenate([np.full(len(starts), piece) for piece, starts in enumerate(local_starts)])
+    local_start = np.concatenate(local_starts)
+    lengths = np.concatenate([np.diff(np.append(starts, len(piece_minutes))) for starts, piece_minutes in zip(local_starts, minutes)])
+    run_codes = np.concatenate([piece_codes[starts] for starts, piece_codes in zip(local_starts, codes)])
+    first = np.concatenate([piece_minutes[starts] for starts, piece_minutes in zip(local_starts, minutes)])
+    last = np.concatenate([piece_minutes[np.append(starts[1:], len(piece_minutes)) - 1] for starts, piece_minutes in zip(local_starts, minutes)])
     run_order = np.lexsort((first, run_codes))
-    last = (minutes[starts + lengths - 1])[run_order]
-    ordered_codes, ordered_first = run_codes[run_order], first[run_order]
-    if np.any((ordered_codes[1:] == ordered_codes[:-1]) & (ordered_first[1:] <= last[:-1])):
+    ordered_codes, ordered_first, ordered_last = run_codes[run_order], first[run_order], last[run_order]
+    if np.any((ordered_codes[1:] == ordered_codes[:-1]) & (ordered_first[1:] <= ordered_last[:-1])):
         return None
-    place = np.empty(len(starts), dtype=np.int64)  # each run's first sorted position
+    place = np.empty(len(lengths), dtype=np.int64)  # each run's first sorted position
     place[run_order] = np.concatenate([[0], np.cumsum(lengths[run_order])[:-1]])
-    destination = np.repeat((place - starts).astype(index_dtype), lengths)
-    destination += np.arange(n, dtype=index_dtype)
-    sorted_minutes = np.empty_like(minutes)
-    for run_start, run_place, length in zip(starts.tolist(), place.tolist(), lengths.tolist()):
-        sorted_minutes[run_place : run_place + length] = minutes[run_start : run_start + length]
+    # Places rise by one inside a run and jump between runs: the cumulative sum of those steps.
+    destination = np.ones(n, dtype=index_dtype)
+    run_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # each run's first scanned position
+    destination[0] = place[0]
+    destination[run_start[1:]] = place[1:] - (place[:-1] + lengths[:-1] - 1)
+    np.cumsum(destination, dtype=index_dtype, out=destination)
+    sorted_minutes = np.empty(n, dtype=np.int64)
+    for piece, start, run_place, length in zip(run_piece.tolist(), local_start.tolist(), place.tolist(), lengths.tolist()):
+        sorted_minutes[run_place : run_place + length] = minutes[piece][start : start + length]
     return sorted_minutes, np.repeat(ordered_codes, lengths[run_order]), destination
 
 
@@ -554,6 +560,10 @@ def _read_values(
         block = np.empty((len(place), len(features)), dtype=np.float32)
         for j, name in enumerate(features):
             block[:, j] = _as_float(table.column(name))
+        # one pass over the whole block first: infinities are rare, impossible latencies are checked always
+        checked = features if np.isinf(block).any() else [name for name in features if name == TARGET_COLUMN]
+        for name in checked:
+            j = features.index(name)
             invalid[name] += _drop_invalid(block[:, j], name)
         latency = _as_float(table.column(TARGET_COLUMN)).astype(np.float32)
         dropped = _drop_invalid(latency, TARGET_COLUMN)

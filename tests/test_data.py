@@ -44,8 +44,19 @@ def _brute_force_ends(table: data.SeriesTable, L: int, H: int) -> list[int]:
     return ends
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_windows_never_cross_gaps_services_or_nans(tmp_path, seed):
+def test_finite_rows_checks_every_value_even_where_a_row_sum_overflows():
+    big = np.finfo(np.float32).max
+    features = np.array(
+        [[1.0, 2.0], [np.nan, 0.0], [np.inf, -np.inf], [big, big], [-big, -big], [big, np.nan], [0.0, -np.inf]],
+        dtype=np.float32,
+    )
+    assert data.finite_rows(features).tolist() == [True, False, False, True, True, False, False]
+    assert data.finite_rows(np.zeros((0, 3), dtype=np.float32)).tolist() == []
+
+
+@pytest.mark.parametrize("seed, chunk_rows", [(0, 1 << 18), (1, 1 << 18), (2, 1 << 18), (0, 7), (1, 1)])
+def test_windows_never_cross_gaps_services_or_nans(tmp_path, monkeypatch, seed, chunk_rows):
+    monkeypatch.setattr(data, "_CHUNK_ROWS", chunk_rows)  # windows are found chunk by chunk of start positions
     rng = np.random.default_rng(seed)
     frame = hand_frame(services=("a", "b", "c"), minutes=60, features=("cpu", "queue"))
     frame = frame.drop(index=rng.choice(len(frame), 12, replace=False))

@@ -105,20 +105,21 @@ def test_sorting_by_runs_gives_the_full_sorts_places_or_declines():
     minutes = np.concatenate([np.arange(day * 100, day * 100 + 100) for day, order in enumerate(days) for _ in order])
     codes = np.concatenate([np.full(100, code, dtype=np.int32) for order in days for code in order])
     minutes = np.delete(minutes, [5, 250, 251]); codes = np.delete(codes, [5, 250, 251])  # gaps inside runs
-    sorted_minutes, sorted_codes, destination = store._sort_by_runs(minutes, codes, np.int32)
     order = np.lexsort((minutes, codes))
-    np.testing.assert_array_equal(sorted_minutes, minutes[order])
-    np.testing.assert_array_equal(sorted_codes, codes[order])
-    np.testing.assert_array_equal(destination[order], np.arange(len(order)))
-    assert destination.dtype == np.int32
+    for cuts in ([], [1000], [250, 700, 1300]):  # one row group, or several (a run may span two)
+        sorted_minutes, sorted_codes, destination = store._sort_by_runs(np.split(minutes, cuts), np.split(codes, cuts), np.int32)
+        np.testing.assert_array_equal(sorted_minutes, minutes[order])
+        np.testing.assert_array_equal(sorted_codes, codes[order])
+        np.testing.assert_array_equal(destination[order], np.arange(len(order)))
+        assert destination.dtype == np.int32
 
     overlapping = minutes.copy()
     second_day = (codes == codes[0]) & (minutes >= 100) & (minutes < 200)
     overlapping[second_day] -= 150  # the first service's day-2 run now overlaps its day-1 run
-    assert store._sort_by_runs(overlapping, codes, np.int32) is None
-    twice = np.append(minutes, minutes[7]), np.append(codes, codes[7])  # one (service, minute) twice
+    assert store._sort_by_runs([overlapping], [codes], np.int32) is None
+    twice = [np.append(minutes, minutes[7])], [np.append(codes, codes[7])]  # one (service, minute) twice
     assert store._sort_by_runs(*twice, np.int32) is None
-    interleaved = np.repeat(np.arange(200), 5), np.tile(np.arange(5, dtype=np.int32), 200)  # one row per service per minute
+    interleaved = [np.repeat(np.arange(200), 5)], [np.tile(np.arange(5, dtype=np.int32), 200)]  # one row per service per minute
     assert store._sort_by_runs(*interleaved, np.int32) is None
 
 
