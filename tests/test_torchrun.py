@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -112,6 +113,43 @@ def test_torchrun_is_close_to_one_process(torchrun_run, single_dir):
     # fails a rank that trains alone or on the wrong services (the unseen ones' MAE is far off).
     assert multi["test"]["mae"] == pytest.approx(single["test"]["mae"], rel=0.15)
     assert multi["validation"]["mae"] == pytest.approx(single["validation"]["mae"], rel=0.15)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_through_a_rendezvous_endpoint_train_as_two_local_ranks(tmp_path, torchrun_run, tiny_store):
+    """``--nnodes 2`` with a c10d rendezvous endpoint, both "nodes" on 127.0.0.1 sharing the output
+    directory as nodes share a filesystem: one process each, so global ranks 0 and 1 are what
+    ``--standalone --nproc-per-node 2`` makes, the same services and steps, so the same model."""
+    directory, endpoint = str(tmp_path / "out"), f"127.0.0.1:{_free_port()}"
+    processes = []
+    for node in range(2):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "--log-dir", str(tmp_path / f"logs{node}"),
+            "train.py", "--feature-store-path", tiny_store, "--output-dir", directory, *SETTINGS,
+        ]
+        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=RUN_TIMEOUT_S)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # a hang fails, never lingers
+                process.communicate()
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(output[-2000:] for output in outputs)
+    assert sum(output.count("artifacts written to") for output in outputs) == 1, outputs
+    base, result, _ = torchrun_run
+    assert result.returncode == 0
+    two_nodes, one_node = _report(directory), _report(os.path.join(base, "out"))
+    assert two_nodes["data"] == one_node["data"]
+    assert two_nodes["test"]["mae"] == pytest.approx(one_node["test"]["mae"], rel=1e-6)
 
 
 def _worker_pid(parent: int, rank: int) -> int | None:
