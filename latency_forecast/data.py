@@ -330,7 +330,8 @@ class FeatureScaler:
             return np.copysign(magnitude, block, out=magnitude if out is None else out)
         if out is None:
             return block.copy()
-        out[...] = block
+        if out is not block:
+            out[...] = block
         return out
 
     def fit(self, features: np.ndarray, rows: np.ndarray) -> "FeatureScaler":
