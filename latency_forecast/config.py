@@ -177,7 +177,7 @@ class TrainingConfig:
     """The optimisation loop."""
 
     epochs: int = _setting(20, "maximum passes over the training windows")
-    batch_size: int = _setting(64, "windows per optimisation step")  # 64: best on the dev stores and TrainTicket validation (docs/results.md)
+    batch_size: int = _setting(256, "windows per optimisation step")
     learning_rate: float = _setting(2e-3, "Adam learning rate")
     weight_decay: float = _setting(0.0, "Adam weight decay (L2)")
     patience: int = _setting(4, "stop after this many epochs without a better validation loss")
