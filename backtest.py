@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     thresholds = alerting.read_latency_thresholds(data_config)
     alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
     if backtest_config.executor == "ray":
-        backtesting.import_ray()  # a missing Ray fails before the store is read
+        backtesting.import_ray(local=backtest_config.ray_address is None)  # a missing Ray fails before the store is read
     directory, json_name, figure_name = _output_paths(backtest_config.output)
     with artifacts.output_lock(directory, "--output directory"):  # one backtest or train.py run at a time
         _backtest(store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,

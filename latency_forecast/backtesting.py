@@ -11,6 +11,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -335,8 +336,19 @@ def run_backtest(
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 
 
-def import_ray() -> ModuleType:
-    """The ``ray`` module, imported only when ``--executor ray`` asks for it."""
+# Ray's single-node mode (its default on macOS and Windows): a local instance takes 127.0.0.1 as
+# its node address and binds every server there. On Linux Ray otherwise takes the host's
+# routable address and listens on every interface, a cluster port open to the network for a run
+# that never leaves the host. Read once, when ray is first imported; its processes inherit it.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(local: bool) -> ModuleType:
+    """The ``ray`` module, imported only when ``--executor ray`` asks for it; ``local`` (no
+    cluster to join) keeps the instance it starts on the loopback address unless the
+    environment already chose (SINGLE_NODE_ENV)."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(SINGLE_NODE_ENV, "0")
     try:
         import ray
     except ImportError:
@@ -410,7 +422,7 @@ def run_on_ray(
 ) -> list[FoldResult]:
     """Run each fold as a Ray task, at most ``jobs`` in flight (and so at most ``jobs`` folds' rows
     in the object store); results in fold order. A fold's UserError is raised here as it is."""
-    ray = import_ray()
+    ray = import_ray(local=address is None)
     jobs = max(1, jobs)
     with ray_session(ray, address, jobs * max(1, threads), device):
         options = ray_task_options(ray.cluster_resources().get("GPU", 0), jobs, threads, device)

@@ -4,6 +4,7 @@ checks repeated across modules (saved metrics reproduced, one-line user errors, 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -277,3 +278,41 @@ MANIFEST_BUG = pytest.mark.xfail(
     raises=AttributeError,
     strict=True,
 )
+
+
+def listening_addresses(root_pid: int) -> list[str]:
+    """The local addresses of the TCP sockets that ``root_pid`` and its descendants listen on,
+    read from Linux's /proc (as ``ss -ltnp`` would show them)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    tree, grown = {root_pid}, True
+    while grown:
+        grown = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grown = True
+    inodes = set()
+    for pid in tree:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes.update(link[len("socket:["):-1] for link in links if link.startswith("socket:["))
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                    continue
+                host, port = fields[1].split(":")
+                # each 32-bit word of the address is in host (little-endian) order
+                raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8))
+                addresses.append(f"{ipaddress.ip_address(raw)}:{int(port, 16)}")
+    return addresses

@@ -1,7 +1,11 @@
 """backtest.py --executor ray end to end on a local Ray instance: the same folds as --jobs 1,
-and the user errors of a missing Ray or a misplaced --ray-address."""
+its sockets on loopback only, and the user errors of a missing Ray or a misplaced --ray-address."""
 
+import importlib.util
+import ipaddress
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +16,7 @@ from latency_forecast.errors import UserError
 from tests.helpers import TINY_TRAINING
 
 # The tiny store covers 2024-05-01 to 2024-05-04: two folds of 2 days + half a day.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOWS = ["--train-window-days", "2", "--val-window-days", "0.5"]
 
 
@@ -23,15 +28,15 @@ def _folds(report):
     return [{key: value for key, value in fold.items() if key != "seconds"} for fold in report["folds"]]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray (requirements-ray.txt)")
 def test_ray_tasks_give_the_same_folds_as_one_job(tiny_store, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no report to usage-stats.ray.io from a test
     reports = {}
     for name, extra in (("one_job", ["--jobs", "1"]), ("ray", ["--executor", "ray", "--jobs", "2"])):
         output = tmp_path / name / "backtest.json"
         assert backtest.main(_argv(tiny_store, output, *extra)) == 0
         reports[name] = json.loads(output.read_text())
-    assert not ray.is_initialized()  # the local instance was shut down with the run
+    assert not sys.modules["ray"].is_initialized()  # the local instance was shut down with the run
     one_job, on_ray = reports["one_job"], reports["ray"]
     assert [fold["fold"] for fold in on_ray["folds"]] == [1, 2]
     assert _folds(on_ray) == _folds(one_job)
@@ -66,3 +71,39 @@ def test_executor_ray_without_ray_exits_2(capsys, tiny_store, tmp_path, monkeypa
 def test_ray_address_without_executor_ray_exits_2(capsys, tiny_store, tmp_path):
     argv = _argv(tiny_store, tmp_path / "b.json", "--ray-address", "auto")
     _one_line_error(capsys, argv, "--ray-address auto is only used with --executor ray")
+
+
+LOOPBACK_PROBE = """
+import json, os
+from latency_forecast import backtesting
+from tests.helpers import listening_addresses
+
+def worker_pid():
+    return os.getpid()
+
+if __name__ == "__main__":  # Ray's workers load the driver's code too
+    ray = backtesting.import_ray(local=True)
+    with backtesting.ray_session(ray, None, 1, "cpu"):
+        assert ray.get(ray.remote(worker_pid).remote()) != os.getpid()  # a worker is up, with its own server
+        print(json.dumps(listening_addresses(os.getpid())))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None or not os.path.exists("/proc/net/tcp"), reason="needs Ray and Linux's /proc")
+def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
+    # A fresh interpreter: the choice is made when ray is first imported. Without it Ray binds
+    # its GCS, raylet and workers on every interface (ss -ltn shows *:PORT).
+    environment = {key: value for key, value in os.environ.items() if key != backtesting.SINGLE_NODE_ENV}
+    environment.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPOSITORY)
+    script = tmp_path / "probe.py"
+    script.write_text(LOOPBACK_PROBE)
+    probe = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment, timeout=240)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    addresses = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert len(addresses) >= 3, addresses  # the GCS, the raylet and a worker at least
+    assert all(_is_loopback(address.rsplit(":", 1)[0]) for address in addresses), addresses
+
+
+def _is_loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
