@@ -30,7 +30,7 @@ from bench.common import Result, command, load_average, machine, median, run_ben
 from latency_forecast.forecaster import untrained_forecaster
 from latency_forecast import data, synthetic, training
 from latency_forecast import store as store_io  # `store` names store paths here
-from latency_forecast.config import DataConfig, ModelConfig, TrainingConfig
+from latency_forecast.config import AUTO_BATCH_SIZES, DataConfig, ModelConfig, TrainingConfig
 
 TARGET_RATIO = 2.0
 VALIDATION_WINDOWS = 256
@@ -127,7 +127,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     args = parser.parse_args(argv)
     training.configure_threads(args.threads)
     print(f"machine: {machine(('numpy', 'darts', 'pytorch-lightning'))}")
-    batch_size = TrainingConfig().batch_size
+    batch_size = AUTO_BATCH_SIZES[-1]  # the batch --batch-size 0 takes on large stores
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-training-") as directory:
         store = os.path.join(directory, "store")

@@ -172,12 +172,21 @@ class ModelConfig:
         _require(self.ensemble_size >= 0, "--ensemble-size must be 0 (auto) or more")
 
 
+AUTO_BATCH_SIZES = (64, 128, 256)  # --batch-size 0 (auto) takes the smallest of these
+MAX_AUTO_BATCH_STEPS = 400  # whose epoch is at most this many steps (else the largest)
+
+
 @dataclass
 class TrainingConfig:
     """The optimisation loop."""
 
     epochs: int = _setting(20, "maximum passes over the training windows")
-    batch_size: int = _setting(256, "windows per optimisation step")
+    batch_size: int = _setting(
+        0,
+        f"windows per optimisation step; 0 (auto): {AUTO_BATCH_SIZES[0]}, doubled up to {AUTO_BATCH_SIZES[-1]} while an epoch "
+        f"would take more than {MAX_AUTO_BATCH_STEPS} steps (smaller batches forecast better on every development "
+        "store; larger ones keep an epoch's cost bounded on large stores)",
+    )
     learning_rate: float = _setting(2e-3, "Adam learning rate")
     weight_decay: float = _setting(0.0, "Adam weight decay (L2)")
     patience: int = _setting(4, "stop after this many epochs without a better validation loss")
@@ -212,8 +221,9 @@ class TrainingConfig:
     seed: int = _setting(0, "seed for weights, shuffling and dropout; CPU runs are reproducible")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "patience"):
             _require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
+        _require(self.batch_size >= 0, "--batch-size must be 0 (auto) or more")
         _require(self.learning_rate > 0, "--learning-rate must be positive")
         _require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
         _require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")

@@ -277,6 +277,8 @@ def fit(
     loss = _loss_function(config)
     # an ensemble's networks train as if alone: their own gradients, clipped each (Adam is per weight)
     networks = list(model.members) if isinstance(model, Ensemble) else [model]
+    if config.batch_size < 1:
+        raise ValueError("batch_size 0 (auto) is resolved by forecaster.fit_forecaster (auto_batch_size) before training")
     train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
     validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
     total_train = int(distributed.all_reduce(np.array([len(train_ends)]))[0]) if world_size > 1 else len(train_ends)

@@ -37,7 +37,7 @@ TINY_TRAINING = [
 SEQUENCE_LENGTH, HORIZON = 6, 2  # TINY_TRAINING's
 TINY_DATA = DataConfig(sequence_length=SEQUENCE_LENGTH, horizon=HORIZON)
 TINY_MODEL = ModelConfig(hidden_size=8)
-TINY_TRAINING_CONFIG = TrainingConfig(epochs=2, samples_per_epoch=2000, device="cpu")
+TINY_TRAINING_CONFIG = TrainingConfig(epochs=2, samples_per_epoch=2000, batch_size=256, device="cpu")
 
 
 def quiet(message: str) -> None:

@@ -181,7 +181,7 @@ def test_threads_share_the_cores():
 TINY = dict(
     data_config=DataConfig(sequence_length=6, horizon=2),
     model_config=ModelConfig(hidden_size=8),
-    training_config=TrainingConfig(epochs=2, samples_per_epoch=2000, num_threads=1),
+    training_config=TrainingConfig(epochs=2, samples_per_epoch=2000, batch_size=256, num_threads=1),
 )
 
 

@@ -252,3 +252,18 @@ def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_k
     # the ensemble's forecast is its networks' mean in the standardised log space
     each = torch.stack([member(*fit.prepared.tensors.windows(torch.as_tensor(ends)), fit.prepared.tensors.current(torch.as_tensor(ends))) for member in model.members])
     np.testing.assert_allclose(training.predict(model, fit.prepared.tensors, ends).forecast, each.mean(0).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_batch_size_takes_small_batches_unless_an_epoch_grows_past_its_step_budget():
+    assert forecaster.auto_batch_size(6_000, 100_000) == 64, "a two-day store: its whole epoch in 94 steps"
+    assert forecaster.auto_batch_size(25_600, 100_000) == 64  # 400 steps exactly
+    assert forecaster.auto_batch_size(30_000, 100_000) == 128
+    assert forecaster.auto_batch_size(2_000_000, 100_000) == 256, "a full epoch of 100,000: 391 steps of 256"
+    assert forecaster.auto_batch_size(2_000_000, 0) == 256, "--samples-per-epoch 0 on a huge store: the largest"
+    assert forecaster.auto_batch_size(60_000, 100_000, world_size=2) == 128, "each rank's share of the epoch"
+
+
+def test_an_auto_batch_size_is_resolved_before_training_and_recorded(tiny_fit):
+    fit = fit_tiny(tiny_fit.table, training_config=dataclasses.replace(TINY_TRAINING_CONFIG, batch_size=0))
+    assert fit.forecaster.training_config.batch_size == 64, "at most 2,000 windows an epoch: 32 steps of 64"
+    assert fit.forecaster.settings["training"]["batch_size"] == 64, "the checkpoint records the batch it trained with"
