@@ -158,6 +158,7 @@ class FoldResult:
     samples: dict[str, int]
     history: list[dict]
     unforecast_services: list[str]  # in the validation window but absent from the fold's training rows
+    resolved: dict  # the settings an automatic default resolved to on this fold's windows
     seconds: float
 
     def as_dict(self) -> dict:
@@ -179,6 +180,7 @@ class FoldResult:
             "epochs": len(self.history),
             "best_epoch": best["epoch"],
             "unforecast_services": self.unforecast_services,
+            "resolved": self.resolved,
             "seconds": self.seconds,
         }
 
@@ -246,6 +248,7 @@ def run_fold(task: FoldTask) -> FoldResult:
         {**trained.samples, "validation": int(len(ends))},
         trained.history,
         prepared.unknown_services,
+        {"batch_size": trained.forecaster.training_config.batch_size, "ensemble_size": trained.forecaster.model_config.ensemble_size},
         time.perf_counter() - started,
     )
 
