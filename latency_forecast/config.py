@@ -192,8 +192,8 @@ class TrainingConfig:
     patience: int = _setting(4, "stop after this many epochs without a better validation loss")
     lr_patience: int = _setting(
         2,
-        "halve the learning rate after this many epochs without a better validation loss (1 halved it on one noisy "
-        "epoch: worse on TrainTicket's validation and the synthetic stores' episodes)",
+        "halve the learning rate once more than this many epochs in a row bring no better validation loss "
+        "(ReduceLROnPlateau's patience); 1 was worse on TrainTicket's validation and the synthetic stores' episodes",
     )
     gradient_clip: float = _setting(1.0, "clip the gradient norm to this (0 disables); keeps spike batches from derailing the LSTM")
     samples_per_epoch: int = _setting(
