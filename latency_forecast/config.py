@@ -173,7 +173,7 @@ class ModelConfig:
 
 
 AUTO_BATCH_SIZES = (64, 128, 256)  # --batch-size 0 (auto) takes the smallest of these
-MAX_AUTO_BATCH_STEPS = 400  # whose epoch is at most this many steps (else the largest)
+MAX_AUTO_BATCH_STEPS = 800  # whose epoch is at most this many steps (else the largest)
 
 
 @dataclass

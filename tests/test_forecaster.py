@@ -256,11 +256,11 @@ def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_k
 
 def test_auto_batch_size_takes_small_batches_unless_an_epoch_grows_past_its_step_budget():
     assert forecaster.auto_batch_size(6_000, 100_000) == 64, "a two-day store: its whole epoch in 94 steps"
-    assert forecaster.auto_batch_size(25_600, 100_000) == 64  # 400 steps exactly
-    assert forecaster.auto_batch_size(30_000, 100_000) == 128
-    assert forecaster.auto_batch_size(2_000_000, 100_000) == 256, "a full epoch of 100,000: 391 steps of 256"
+    assert forecaster.auto_batch_size(51_200, 100_000) == 64  # 800 steps exactly
+    assert forecaster.auto_batch_size(60_000, 100_000) == 128
+    assert forecaster.auto_batch_size(2_000_000, 100_000) == 128, "a full epoch of 100,000: 782 steps of 128"
     assert forecaster.auto_batch_size(2_000_000, 0) == 256, "--samples-per-epoch 0 on a huge store: the largest"
-    assert forecaster.auto_batch_size(60_000, 100_000, world_size=2) == 128, "each rank's share of the epoch"
+    assert forecaster.auto_batch_size(120_000, 100_000, world_size=2) == 64, "each rank's share of the epoch"
 
 
 def test_an_auto_batch_size_is_resolved_before_training_and_recorded(tiny_fit):
