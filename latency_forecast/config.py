@@ -185,7 +185,8 @@ class TrainingConfig:
         0,
         f"windows per optimisation step; 0 (auto): {AUTO_BATCH_SIZES[0]}, doubled up to {AUTO_BATCH_SIZES[-1]} while an epoch "
         f"would take more than {MAX_AUTO_BATCH_STEPS} steps (smaller batches forecast better on every development "
-        "store; larger ones keep an epoch's cost bounded on large stores)",
+        "store; larger ones keep an epoch's cost bounded on large stores). The cause model, which only ranks "
+        f"features, trains in batches of at least {AUTO_BATCH_SIZES[-1]}",
     )
     learning_rate: float = _setting(2e-3, "Adam learning rate")
     weight_decay: float = _setting(0.0, "Adam weight decay (L2)")
