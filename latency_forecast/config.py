@@ -77,10 +77,12 @@ class DataConfig:
         choices=("pooled", "service"),
     )
     feature_transform: str = _setting(
-        "log1p",
+        "auto",
         "transform applied to features before standard scaling: log1p (signed, tames heavy-tailed "
-        "counters such as bytes and queue depth) or none",
-        choices=("log1p", "none"),
+        "counters such as bytes and queue depth); auto, log1p except that a column whose training values "
+        "all lie in [0, 1] (a utilisation or ratio) becomes -log(1 - x), which spreads the last points "
+        "before saturation where queueing latency explodes; or none",
+        choices=("auto", "log1p", "none"),
     )
 
     def __post_init__(self) -> None:

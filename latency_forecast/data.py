@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
@@ -311,28 +312,78 @@ def fraction_splits(
 # Scaling
 
 
+# A fraction at or above this is scaled as if it were this: -log(1 - x) stays finite (6.9)
+SATURATION_CEILING = 1.0 - 1e-3
+
+
+def feature_bounds(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(2, n_features) float64: the smallest and largest finite value of each column of
+    ``features[rows]`` (+inf and -inf for a column with none), chunk by chunk."""
+    def bounds(chunk: slice) -> np.ndarray:
+        selected = features[chunk][rows[chunk]]
+        if not len(selected):
+            return np.stack([np.full(features.shape[1], np.inf), np.full(features.shape[1], -np.inf)])
+        with warnings.catch_warnings():  # an all-NaN column: nanmin warns, and gives NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanmin(selected, axis=0), np.nanmax(selected, axis=0)
+        return np.stack([np.where(np.isnan(low), np.inf, low), np.where(np.isnan(high), -np.inf, high)]).astype(np.float64)
+
+    return combine_feature_bounds(parallel_map(bounds, _chunks(len(features))) or [bounds(slice(0, 0))])
+
+
+def combine_feature_bounds(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The :func:`feature_bounds` of the rows of all ``parts`` (chunks, or torchrun's shards) together."""
+    stacked = np.stack([np.asarray(part, dtype=np.float64).reshape(2, -1) for part in parts])
+    return np.stack([stacked[:, 0].min(axis=0), stacked[:, 1].max(axis=0)])
+
+
+def saturating_columns(bounds: np.ndarray) -> np.ndarray:
+    """(n_features,) bool: the columns :func:`feature_bounds` found within [0, 1] (utilisations,
+    ratios), which ``--feature-transform auto`` scales as -log(1 - x)."""
+    return (bounds[0] >= 0.0) & (bounds[1] <= 1.0) & (bounds[0] <= bounds[1])  # the last: a column with values
+
+
 @dataclass
 class FeatureScaler:
-    """Optional signed log1p, then scikit-learn's StandardScaler, fitted on training rows only.
+    """A transform per column, then scikit-learn's StandardScaler, fitted on training rows only.
+
+    ``log1p``: signed log1p of every column (tames heavy-tailed counters such as bytes and queue
+    depth). ``auto``: the same, except for the columns whose training values all lie in [0, 1]
+    (``saturating``): those get -log(1 - x). Utilisation works on latency the way queueing does,
+    as 1/(1 - rho): the last few points before saturation are where latency explodes, and log1p
+    squeezes them together (0.88 and 0.98 become 0.63 and 0.68), -log(1 - x) spreads them (2.1 and
+    3.9), on the scale of the log latency the model forecasts. ``none``: the values as they are.
 
     A constant feature gets scale 1 (StandardScaler's rule), so it maps to 0, never NaN/inf.
     """
 
-    transform_name: str = "log1p"
+    transform_name: str = "auto"
     scaler: StandardScaler = field(default_factory=StandardScaler)
+    # (n_features,) bool, ``auto`` only: fixed by :meth:`fit` from the training rows (or given)
+    saturating: np.ndarray | None = None
 
     def _transform_block(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The transform of ``block`` (same dtype), in ``out`` (which may be ``block``) or a new array."""
-        if self.transform_name == "log1p":
-            magnitude = np.abs(block)
-            np.log1p(magnitude, out=magnitude)
-            # sign(block) * log1p(|block|) in one pass, with no sign array
-            return np.copysign(magnitude, block, out=magnitude if out is None else out)
-        if out is None:
-            return block.copy()
-        if out is not block:
-            out[...] = block
-        return out
+        if self.transform_name == "none":
+            if out is None:
+                return block.copy()
+            if out is not block:
+                out[...] = block
+            return out
+        fractions = None
+        if self.transform_name == "auto" and self.saturating is not None and self.saturating.any():
+            fractions = block[:, self.saturating]  # a copy, before ``out`` (maybe ``block``) is written
+            np.clip(fractions, 0.0, SATURATION_CEILING, out=fractions)
+            np.negative(fractions, out=fractions)
+            np.log1p(fractions, out=fractions)
+            np.negative(fractions, out=fractions)
+        magnitude = np.abs(block)
+        np.log1p(magnitude, out=magnitude)
+        # sign(block) * log1p(|block|) in one pass, with no sign array
+        result = np.copysign(magnitude, block, out=magnitude if out is None else out)
+        if fractions is not None:
+            result[:, self.saturating] = fractions
+        return result
 
     def fit(self, features: np.ndarray, rows: np.ndarray) -> "FeatureScaler":
         """Fit on ``features[rows]`` (``rows`` a boolean mask), chunk by chunk; NaNs are ignored.
@@ -340,6 +391,9 @@ class FeatureScaler:
         Each chunk's counts, means and variances (transformed in float32 as :meth:`transform`
         does, then in float64) are pooled as torchrun's shards are (:func:`combine_scalers`):
         one pass, a few times faster than StandardScaler.partial_fit's float64 nan-sums."""
+        if self.transform_name == "auto" and self.saturating is None:
+            self.saturating = saturating_columns(feature_bounds(features, rows))
+
         def moments(chunk: slice) -> np.ndarray | None:
             selected = features[chunk][rows[chunk]].astype(np.float32, copy=False)  # a copy: transformed in place
             return _moments(self._transform_block(selected, out=selected)) if len(selected) else None
@@ -376,6 +430,7 @@ class FeatureScaler:
             "n_samples_seen": torch.as_tensor(np.asarray(self.scaler.n_samples_seen_, dtype=np.int64)),
             "feature_columns": list(feature_columns),
             "transform": self.transform_name,
+            "saturating_columns": [] if self.saturating is None else [c for c, s in zip(feature_columns, self.saturating) if s],
         }
 
     @classmethod
@@ -387,7 +442,12 @@ class FeatureScaler:
         scaler.var_ = state["var"].numpy() if "var" in state else state["scale"].numpy() ** 2
         scaler.n_samples_seen_ = state["n_samples_seen"].numpy() if "n_samples_seen" in state else np.int64(1)
         scaler.n_features_in_ = len(scaler.mean_)
-        return cls(state.get("transform", "none"), scaler)
+        transform = state.get("transform", "none")
+        saturating = None
+        if transform == "auto":
+            chosen = set(state.get("saturating_columns", []))
+            saturating = np.array([column in chosen for column in state["feature_columns"]], dtype=bool)
+        return cls(transform, scaler, saturating)
 
 
 @dataclass
@@ -522,10 +582,11 @@ def scaler_moments(scaler: FeatureScaler) -> np.ndarray:
     return np.stack([counts, fitted.mean_, fitted.var_]).astype(np.float64)
 
 
-def combine_scalers(moments: Sequence[np.ndarray], transform_name: str) -> FeatureScaler:
+def combine_scalers(moments: Sequence[np.ndarray], transform_name: str, saturating: np.ndarray | None = None) -> FeatureScaler:
     """The scaler :meth:`FeatureScaler.fit` gives on all the shards' rows together, from each
     shard's :func:`scaler_moments` (the pooled mean and variance of Chan, Golub and LeVeque: equal
-    to the one-process fit up to float64 rounding). A feature no shard saw is constant 0."""
+    to the one-process fit up to float64 rounding), with ``saturating`` the columns every shard
+    transformed as fractions (``auto``). A feature no shard saw is constant 0."""
     stacked = np.stack([np.asarray(part, dtype=np.float64) for part in moments])  # (n_shards, 3, n_features)
     counts = stacked[:, 0]
     seen = counts > 0
@@ -545,7 +606,7 @@ def combine_scalers(moments: Sequence[np.ndarray], transform_name: str) -> Featu
     scaler.scale_ = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
     scaler.n_samples_seen_ = total.astype(np.int64) if np.ptp(total) else np.int64(total[0])
     scaler.n_features_in_ = len(mean)
-    return FeatureScaler(transform_name, scaler)
+    return FeatureScaler(transform_name, scaler, saturating)
 
 
 @dataclass

@@ -181,12 +181,16 @@ def fit_statistics(table: SeriesTable, rows: np.ndarray, data_config: DataConfig
     sqrt(p(1 - p) / n): 0.05 percentile points); the ceiling is the largest.
     """
     per_service_scale = data_config.target_scale == "service"
-    scaler = FeatureScaler(data_config.feature_transform).fit(table.features, rows)
     rank, world_size = rank_and_world_size()
+    saturating = None
+    if world_size > 1 and data_config.feature_transform == "auto":  # which columns are fractions: on every rank's rows
+        bounds = data.combine_feature_bounds(all_gather(data.feature_bounds(table.features, rows).ravel()))
+        saturating = data.saturating_columns(bounds)
+    scaler = FeatureScaler(data_config.feature_transform, saturating=saturating).fit(table.features, rows)
     if world_size == 1:
         return scaler, TargetNormalizer.fit(table, rows, per_service_scale=per_service_scale)
     moments = [part.reshape(3, -1) for part in all_gather(data.scaler_moments(scaler).ravel())]
-    scaler = data.combine_scalers(moments, data_config.feature_transform)
+    scaler = data.combine_scalers(moments, data_config.feature_transform, scaler.saturating)
 
     count = int(np.count_nonzero(rows & np.isfinite(table.target)))  # the targets TargetNormalizer.fit uses
     total = int(all_reduce(np.array([count]))[0])

@@ -275,6 +275,8 @@ def scaler_fingerprint(scaler_state: dict) -> str:
     keeps the one it was trained with, so a scaler from another run is refused."""
     digest = hashlib.sha256()
     digest.update(repr((list(scaler_state["feature_columns"]), scaler_state.get("transform", "none"))).encode())
+    if scaler_state.get("saturating_columns"):  # absent from scalers written before auto: their digests hold
+        digest.update(repr(list(scaler_state["saturating_columns"])).encode())
     for key in ("mean", "scale"):
         digest.update(scaler_state[key].numpy().astype(np.float64).tobytes())
     return digest.hexdigest()

@@ -182,6 +182,38 @@ def test_scaler_by_hand():
         data.FeatureScaler().fit(features, np.zeros(4, dtype=bool))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # scikit-learn's, on the all-NaN feature
+def test_auto_transform_spreads_fractions_near_saturation(monkeypatch):
+    """auto: -log(1 - x) for a column whose training rows all lie in [0, 1], signed log1p for the
+    rest; rows outside training do not decide it, and a fraction past 1 later stays finite."""
+    monkeypatch.setattr(data, "_CHUNK_ROWS", 2)  # the bounds pool their chunks
+    features = np.array([
+        # utilisation, a counter, a ratio that once left [0, 1], a column never seen in training
+        [0.10, 3.0, 0.5, np.nan],
+        [0.88, 0.0, 1.5, np.nan],
+        [0.98, 12.0, 0.2, np.nan],
+        [np.nan, 7.0, 0.9, np.nan],
+        [0.50, 1e6, -3.0, 0.5],  # not training: it decides nothing
+    ], dtype=np.float32)
+    rows = np.array([True, True, True, True, False])
+    scaler = data.FeatureScaler("auto").fit(features, rows)
+    assert scaler.saturating.tolist() == [True, False, False, False]
+    raw = scaler._transform_block(features.copy())
+    np.testing.assert_allclose(raw[[0, 1, 2], 0], -np.log(1 - np.array([0.10, 0.88, 0.98])), rtol=1e-5)
+    np.testing.assert_allclose(raw[:, 1], np.log1p(features[:, 1]), rtol=1e-6)
+    np.testing.assert_allclose(raw[:, 2], np.sign(features[:, 2]) * np.log1p(np.abs(features[:, 2])), rtol=1e-6)
+    assert np.isnan(raw[3, 0]) and np.isnan(raw[:4, 3]).all()
+    # the last points before saturation are spread, not squeezed as log1p squeezes them
+    assert raw[2, 0] - raw[1, 0] > 1.5 > 10 * (np.log1p(0.98) - np.log1p(0.88))
+    later = np.array([[1.0, 1.0, 1.0, 1.0], [1.7, 1.0, 1.0, 1.0], [-0.2, 1.0, 1.0, 1.0]], dtype=np.float32)
+    scaled = scaler.transform(later)
+    assert np.isfinite(scaled).all() and scaled[0, 0] == scaled[1, 0]
+    np.testing.assert_allclose(scaled[2, 0], (0.0 - scaler.scaler.mean_[0]) / scaler.scaler.scale_[0], rtol=1e-5)
+    inplace = later.copy()
+    np.testing.assert_array_equal(scaler.transform(inplace, inplace=True), scaled)
+    assert data.FeatureScaler("log1p").fit(features, rows).saturating is None
+
+
 def test_scaler_pools_its_chunks_into_standard_scalers_fit(monkeypatch, rng):
     """Chunk by chunk (3 rows each here), NaNs ignored: the mean and variance StandardScaler
     finds on the transformed training rows at once."""
@@ -217,11 +249,15 @@ def test_scaler_state_rebuilds_a_fitted_standard_scaler(tiny_store, tmp_path):
     import torch
 
     table = store.load_feature_store(tiny_store)
+    for transform in ("auto", "log1p"):
+        fitted = data.FeatureScaler(transform).fit(table.features, np.ones(len(table), dtype=bool))
+        torch.save(fitted.state(table.feature_columns), tmp_path / "scaler.pt")
+        restored = data.FeatureScaler.from_state(torch.load(tmp_path / "scaler.pt", weights_only=True))
+        np.testing.assert_array_equal(restored.transform(table.features), fitted.transform(table.features))
+    auto = data.FeatureScaler("auto").fit(table.features, np.ones(len(table), dtype=bool))
+    assert {"cpu_rolling_avg", "mem_usage"} <= set(auto.state(table.feature_columns)["saturating_columns"])
+    assert not set(auto.state(table.feature_columns)["saturating_columns"]) & {"request_rate", "queue_depth"}
     scaler = data.FeatureScaler("log1p").fit(table.features, np.ones(len(table), dtype=bool))
-    state = scaler.state(table.feature_columns)
-    torch.save(state, tmp_path / "scaler.pt")
-    restored = data.FeatureScaler.from_state(torch.load(tmp_path / "scaler.pt", weights_only=True))
-    np.testing.assert_array_equal(restored.transform(table.features), scaler.transform(table.features))
     transformed = np.sign(table.features[:50]) * np.log1p(np.abs(table.features[:50]))
     np.testing.assert_allclose(
         restored.scaler.transform(np.nan_to_num(transformed)), scaler.scaler.transform(np.nan_to_num(transformed))

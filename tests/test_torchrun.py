@@ -245,6 +245,15 @@ def test_combined_statistics_equal_the_one_process_fit(tiny_store):
     for name in ("mean_", "var_", "scale_"):  # pooled moments: float64 rounding apart
         np.testing.assert_allclose(getattr(combined.scaler, name), getattr(single.scaler, name), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(combined.scaler.n_samples_seen_, single.scaler.n_samples_seen_)
+    # auto: the fraction columns are those of every shard's rows together, then pooled as above
+    bounds = data.combine_feature_bounds([data.feature_bounds(shard.features, part) for shard, part in zip(shards, shard_rows)])
+    np.testing.assert_array_equal(bounds, data.feature_bounds(table.features, rows))
+    saturating = data.saturating_columns(bounds)
+    single = data.FeatureScaler("auto").fit(table.features, rows)
+    assert saturating.tolist() == single.saturating.tolist() and saturating.any() and not saturating.all()
+    parts = [data.scaler_moments(data.FeatureScaler("auto", saturating=saturating).fit(shard.features, part)) for shard, part in zip(shards, shard_rows)]
+    combined = data.combine_scalers(parts, "auto", saturating)
+    np.testing.assert_allclose(combined.transform(table.features), single.transform(table.features), rtol=1e-5, atol=1e-6)
 
     for per_service_scale in (False, True):
         expected = data.TargetNormalizer.fit(table, rows, per_service_scale=per_service_scale)
