@@ -466,7 +466,8 @@ def fit_cause_model(
     against 0.96-1.00 for a model of the level from telemetry alone). So such a forecaster is
     explained through a cause model: the same network, forecasting the level, from the telemetry
     only, with the same samples, scalers, target and loop (patience at least
-    ``CAUSE_MODEL_MIN_PATIENCE``, batches of at least ``CAUSE_MODEL_MIN_BATCH_SIZE``). Its forecasts are never used for alerts or metrics.
+    ``CAUSE_MODEL_MIN_PATIENCE``, batches of at least ``CAUSE_MODEL_MIN_BATCH_SIZE``). Its
+    forecasts are never used for alerts or metrics.
     """
     if not cause_columns(forecaster.feature_columns):
         raise UserError(
