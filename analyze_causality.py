@@ -18,16 +18,17 @@ from typing import Sequence
 
 import pandas as pd
 
-from latency_forecast import artifacts, causality, config, data, plots, store, training
-from latency_forecast.config import CausalityConfig, CheckpointConfig, ExplainConfig, StoreConfig, TimeRangeConfig
+from latency_forecast import artifacts, causality, data, flags, plots, store, training
+from latency_forecast.config import ExplainConfig, StoreConfig, TimeRangeConfig
 from latency_forecast.errors import UserError, cli_entrypoint, warn
 from latency_forecast.forecaster import Forecaster
+from latency_forecast.script_config import CausalityConfig, CheckpointConfig
 
 CONFIGS = (CheckpointConfig, CausalityConfig, StoreConfig, TimeRangeConfig, ExplainConfig)
 
 
-def build_parser() -> config.ArgumentParser:
-    return config.build_parser(prog="analyze_causality.py", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
+def build_parser() -> flags.ArgumentParser:
+    return flags.build_parser(prog="analyze_causality.py", description=__doc__, parents=[flags.parent_parser(*CONFIGS)])
 
 
 def _read_manifest(path: str) -> list[causality.Fault]:
@@ -43,7 +44,7 @@ def _read_manifest(path: str) -> list[causality.Fault]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    checkpoint, settings, store_config, time_range, explain_config = config.from_args(build_parser().parse_args(argv), *CONFIGS)
+    checkpoint, settings, store_config, time_range, explain_config = flags.from_args(build_parser().parse_args(argv), *CONFIGS)
     started = time.perf_counter()
 
     start, end = store.time_bounds(time_range)
@@ -52,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults = _read_manifest(settings.chaos_manifest) if settings.chaos_manifest else None
 
     history = pd.Timedelta(minutes=forecaster.data_config.window_minutes - 1)  # what the first window needs before start
-    table = store.load_model_features(store_config.feature_store_path, forecaster.feature_columns, None if start is None else start - history, end)
+    table = store.load_feature_store(
+        store_config.feature_store_path, forecaster.feature_columns, None if start is None else start - history, end, for_model=True, warn_invalid=True
+    )
     span = data.span(table)
     time_range = data.TimeRange(
         data.to_minute(start) if start is not None else span.start, data.to_minute(end) if end is not None else span.end

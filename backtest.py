@@ -12,16 +12,17 @@ import sys
 import time
 from typing import Sequence
 
-from latency_forecast import alerting, artifacts, backtesting, config, data, plots, store
-from latency_forecast.config import AlertConfig, BacktestConfig, BaselineConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
+from latency_forecast import alerting, artifacts, backtesting, config, data, fitting, flags, plots, store
+from latency_forecast.config import AlertConfig, BaselineConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
+from latency_forecast.script_config import BacktestConfig
 
 
 CONFIGS = (StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig, BacktestConfig, ProgressConfig)
 
 
-def build_parser() -> config.ArgumentParser:
-    return config.build_parser(prog="backtest.py", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
+def build_parser() -> flags.ArgumentParser:
+    return flags.build_parser(prog="backtest.py", description=__doc__, parents=[flags.parent_parser(*CONFIGS)])
 
 
 def _percent(value: float | None) -> str:
@@ -49,7 +50,7 @@ def _output_paths(output: str) -> tuple[str, str, str]:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config, backtest_config, progress = config.from_args(
+    store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config, backtest_config, progress = flags.from_args(
         build_parser().parse_args(argv), *CONFIGS
     )
     thresholds = alerting.read_latency_thresholds(data_config)
@@ -58,22 +59,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         backtesting.import_ray(local=backtest_config.ray_address is None)  # a missing Ray fails before the store is read
     directory, json_name, figure_name = _output_paths(backtest_config.output)
     with artifacts.output_lock(directory, "--output directory"):  # one backtest or train.py run at a time
-        _backtest(store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,
-                  backtest_config, progress, thresholds, directory, json_name, figure_name)
+        settings = fitting.Settings(
+            data_config, model_config, training_config, alert_config, baseline_config, store=store_config, time_range=time_range,
+            latency_thresholds=thresholds,
+        )
+        _backtest(settings, backtest_config, progress, directory, json_name, figure_name)
     return 0
 
 
-def _backtest(store_config, time_range, data_config, model_config, training_config, alert_config, baseline_config,
-              backtest_config, progress, thresholds, directory: str, json_name: str, figure_name: str) -> None:
+def _backtest(
+    settings: fitting.Settings, backtest_config: BacktestConfig, progress: ProgressConfig, directory: str, json_name: str, figure_name: str
+) -> None:
+    store_config, time_range, data_config = settings.store, settings.time_range, settings.data
     log = (lambda message: None) if progress.quiet else print
     started = time.perf_counter()
 
-    table = store.load_store(store_config, time_range, data_config.feature_columns)
+    table = store.load_feature_store(store_config.feature_store_path, data_config.feature_columns, *store.time_bounds(time_range), warn_invalid=True)
     span = data.span(table)
     folds = backtesting.plan_folds(span, backtest_config, data_config)
     backtesting.check_folds(table, folds, data_config)
     jobs = min(backtest_config.jobs, len(folds))
-    threads = backtesting.threads_per_fold(jobs, training_config.num_threads)
+    threads = backtesting.threads_per_fold(jobs, settings.training.num_threads)
     log(
         f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features, "
         f"{data.format_minute(span.start)} to {data.format_minute(span.end)}"
@@ -84,22 +90,17 @@ def _backtest(store_config, time_range, data_config, model_config, training_conf
         f"embargo {data_config.embargo} minutes"
     )
     results = backtesting.run_backtest(
-        table, folds, data_config, model_config, training_config, jobs, threads,
-        on_result=lambda result: log(_progress_line(result, len(folds))),
-        alert_config=alert_config,
-        latency_thresholds=thresholds,
-        baseline_config=baseline_config,
-        executor=backtest_config.executor,
-        ray_address=backtest_config.ray_address,
+        table, folds, settings, jobs, threads, on_result=lambda result: log(_progress_line(result, len(folds))),
+        executor=backtest_config.executor, ray_address=backtest_config.ray_address,
     )
     run_config = {
         "store": {**config.to_dict(store_config), **config.to_dict(time_range)},
         "data": config.to_dict(data_config),
-        "model": config.to_dict(model_config),
-        "training": config.to_dict(training_config),
-        "alert": config.to_dict(alert_config),
-        "baselines": config.to_dict(baseline_config),
-        "latency_thresholds": thresholds.as_dict(),
+        "model": config.to_dict(settings.model),
+        "training": config.to_dict(settings.training),
+        "alert": config.to_dict(settings.alert),
+        "baselines": config.to_dict(settings.baseline),
+        "latency_thresholds": settings.thresholds.as_dict(),
         "backtest": {**config.to_dict(backtest_config), **config.to_dict(progress)},
         "resolved": {
             "data_start": data.format_minute(span.start),

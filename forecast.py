@@ -17,16 +17,17 @@ import sys
 import time
 from typing import Sequence
 
-from latency_forecast import artifacts, config, data, live, publish, store, training
-from latency_forecast.config import CheckpointConfig, ExplainConfig, ForecastConfig, StoreConfig
+from latency_forecast import artifacts, data, flags, live, publish, store, training
+from latency_forecast.config import ExplainConfig, StoreConfig
 from latency_forecast.errors import UserError, cli_entrypoint, warn
 from latency_forecast.forecaster import Forecaster
+from latency_forecast.script_config import CheckpointConfig, ForecastConfig
 
 CONFIGS = (CheckpointConfig, StoreConfig, ForecastConfig, ExplainConfig)
 
 
-def build_parser() -> config.ArgumentParser:
-    return config.build_parser(prog="forecast.py", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
+def build_parser() -> flags.ArgumentParser:
+    return flags.build_parser(prog="forecast.py", description=__doc__, parents=[flags.parent_parser(*CONFIGS)])
 
 
 def forecast_minute(settings: ForecastConfig, span: data.TimeRange) -> int:
@@ -44,14 +45,16 @@ def forecast_minute(settings: ForecastConfig, span: data.TimeRange) -> int:
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
-    checkpoint, store_config, settings, explain_config = config.from_args(build_parser().parse_args(argv), *CONFIGS)
+    checkpoint, store_config, settings, explain_config = flags.from_args(build_parser().parse_args(argv), *CONFIGS)
     started = time.perf_counter()
     forecaster = Forecaster.load(checkpoint.model_checkpoint, checkpoint.scaler_path, training.resolve_device("auto"))
     path = store_config.feature_store_path
     at = forecast_minute(settings, store.minute_span(path))
     # only the minutes the windows need: L up to each service's newest minute, which may lag by the staleness
     start = at - (forecaster.data_config.sequence_length - 1) - settings.max_staleness_minutes
-    table = store.load_model_features(path, forecaster.feature_columns, data.timestamp_of(start), data.timestamp_of(at + 1))
+    table = store.load_feature_store(
+        path, forecaster.feature_columns, data.timestamp_of(start), data.timestamp_of(at + 1), for_model=True, warn_invalid=True
+    )
     absent = sorted(set(forecaster.services) - set(table.services))
     newest_elsewhere = store.newest_minutes(path, absent, data.timestamp_of(start)) if absent else {}
     if not set(forecaster.services) & (set(table.services) | set(newest_elsewhere)):

@@ -161,7 +161,7 @@ def calibrate(
     uncalibrated: AlertRule,
     alert_config: AlertConfig,
 ) -> AlertRule:
-    """The alert rule for validation samples' scores (issue: alert fatigue).
+    """The alert rule for validation samples' scores: as few false alarms as --target-fpr allows.
 
     The most sensitive threshold whose false positive rate on new samples is at most
     ``target_fpr`` (a conformal quantile of the validation negatives' scores, see

@@ -208,6 +208,17 @@ def output_lock(output_dir: str, flag: str = "--output-dir") -> Iterator[None]:
                 os.rmdir(output_dir)
 
 
+def resume_directory(output_dir: str, name: str, resume: bool) -> str:
+    """``output_dir/name``, where a run keeps its resumable training state: emptied for a fresh
+    run; with ``resume``, it must hold an interrupted run's state."""
+    path = os.path.join(output_dir, name)
+    if not resume:
+        shutil.rmtree(path, ignore_errors=True)
+    elif not os.path.isdir(path):
+        raise UserError(f"--resume: {output_dir} holds no interrupted run to continue; run without --resume")
+    return path
+
+
 @contextlib.contextmanager
 def staging_directory(target: str) -> Iterator[str]:
     """A fresh hidden directory beside ``target``, removed afterwards unless renamed into place."""

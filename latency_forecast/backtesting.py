@@ -16,17 +16,17 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from latency_forecast import data, evaluation, forecaster
-from latency_forecast.alerting import LatencyThresholds
-from latency_forecast.config import MINUTES_PER_DAY, AlertConfig, BacktestConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
+from latency_forecast import data, evaluation, fitting, forecaster
+from latency_forecast.config import MINUTES_PER_DAY, DataConfig
 from latency_forecast.data import SeriesTable, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.metrics import METRIC_KEYS
+from latency_forecast.script_config import BacktestConfig
 
 # ---------------------------------------------------------------------------------------------
 # Fold arithmetic
@@ -140,12 +140,7 @@ class FoldTask:
 
     fold: Fold
     table: SeriesTable
-    data_config: DataConfig
-    model_config: ModelConfig
-    training_config: TrainingConfig
-    alert_config: AlertConfig
-    latency_thresholds: LatencyThresholds
-    baseline_config: BaselineConfig
+    settings: fitting.Settings
 
 
 @dataclass
@@ -185,16 +180,11 @@ class FoldResult:
         }
 
 
-def _silent(message: str) -> None:
-    pass
-
-
 @dataclass
 class TrainedFold:
-    """A fold's forecaster and learned baselines, with what was decided on its past only."""
+    """A fold's finished forecaster, with what was decided on its past only."""
 
     forecaster: forecaster.Forecaster
-    baselines: dict[str, Any]
     history: list[dict]
     samples: dict[str, int]
     operating_point: dict  # the calibrated alert rule and its early-stopping FPR
@@ -202,49 +192,45 @@ class TrainedFold:
 
 
 def train_fold(task: FoldTask) -> TrainedFold:
-    """A fresh scaler, target normaliser and seeded model, trained on the fold's training rows,
-    its baselines fitted there, and every alert threshold calibrated on the fold's early-stopping slice.
+    """The training step on the fold's training rows: a fresh scaler, target normaliser, seeded
+    model and baselines fitted on its fit range, every alert threshold calibrated on its
+    early-stopping slice.
 
     Only the rows of ``fold.train`` are handed on: nothing at or after ``fold.train.end``
     (not a value, not a service name) can reach the fitted state or the alert thresholds.
     """
-    fold, data_config = task.fold, task.data_config
-    train_table = data.table_in(task.table, fold.train)
-    trained, prepared, history = forecaster.fit_forecaster(
-        train_table, fold.fit, fold.early_stopping, data_config, task.model_config, task.training_config,
-        progress=False, log=_silent, latency_thresholds=task.latency_thresholds,
-    )
-    fit_ends = prepared.samples(fold.fit, f"fold {fold.number} training")
-    stop_ends = prepared.samples(fold.early_stopping, f"fold {fold.number} early-stopping")
-    # one OpenMP thread for the trees: their sums then do not depend on how many folds run at once
-    with threadpool_limits(limits=1):
-        baselines = evaluation.fit_baselines(trained, prepared, fit_ends, task.baseline_config)
-    calibrated, trained.alert = evaluation.calibrated_evaluation(trained, prepared, stop_ends, task.alert_config, baselines)
+    fold, settings = task.fold, task.settings
+    run = fitting.train(data.table_in(task.table, fold.train), fold.fit, fold.early_stopping, settings, progress=False, log=_silent)
+    assert run is not None  # folds never run under torchrun
+    trained, calibrated = run.forecaster, run.validation
     return TrainedFold(
         trained,
-        baselines,
-        history,
-        {"fit": len(fit_ends), "early_stopping": len(stop_ends)},
+        run.history,
+        {"fit": len(run.samples["train"]), "early_stopping": len(run.samples["validation"])},
         {**trained.alert.as_dict(), "early_stopping_false_positive_rate": calibrated.model_metrics["false_positive_rate"]},
-        evaluation.comparisons(calibrated, trained.alert, task.alert_config, data_config.horizon),
+        evaluation.comparisons(calibrated, trained.alert, settings.alert, settings.data.horizon),
     )
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def run_fold(task: FoldTask) -> FoldResult:
     """Train the fold's forecaster and baselines, then judge them on its validation window."""
     started = time.perf_counter()
-    fold, data_config = task.fold, task.data_config
+    fold = task.fold
     trained = train_fold(task)
     prepared = trained.forecaster.prepare(data.table_in(task.table, fold.validation), inplace=True)
     ends = prepared.samples(fold.validation, f"fold {fold.number} validation")
     with threadpool_limits(limits=1):
-        judged = evaluation.evaluate(trained.forecaster, prepared, ends, trained.baselines)
+        judged = evaluation.evaluate(trained.forecaster, prepared, ends)
     return FoldResult(
         fold,
         judged.model_metrics,
         judged.baseline_metrics,
         {**trained.operating_point, "validation_false_positive_rate": judged.model_metrics["false_positive_rate"]},
-        evaluation.alerting_report(judged, data_config.horizon, trained.compared),
+        evaluation.alerting_report(judged, task.settings.data.horizon, trained.compared),
         {**trained.samples, "validation": int(len(ends))},
         trained.history,
         prepared.unknown_services,
@@ -267,15 +253,10 @@ def _tasks(table: SeriesTable, folds: Sequence[Fold], template: FoldTask) -> Ite
 def run_backtest(
     table: SeriesTable,
     folds: Sequence[Fold],
-    data_config: DataConfig,
-    model_config: ModelConfig,
-    training_config: TrainingConfig,
+    settings: fitting.Settings,
     jobs: int = 1,
     threads: int = 0,
     on_result: Callable[[FoldResult], None] = lambda result: None,
-    alert_config: AlertConfig | None = None,
-    latency_thresholds: LatencyThresholds | None = None,
-    baseline_config: BaselineConfig | None = None,
     executor: str = "local",
     ray_address: str | None = None,
 ) -> list[FoldResult]:
@@ -283,22 +264,14 @@ def run_backtest(
     ``"ray"`` runs each as a Ray task (``jobs`` at a time, see :func:`run_on_ray`).
 
     Each fold sets ``threads`` torch threads (0 keeps torch's default) and seeds its model with
-    ``training_config.seed``, so a fold's result does not depend on which process ran it or
-    when. ``on_result`` is called as each fold finishes; the results come back in fold order.
+    the training seed, so a fold's result does not depend on which process ran it or when.
+    ``on_result`` is called as each fold finishes; the results come back in fold order.
     """
-    template = FoldTask(
-        folds[0],
-        table,
-        data_config,
-        model_config,
-        dataclasses.replace(training_config, num_threads=threads),
-        alert_config or AlertConfig(),
-        latency_thresholds or LatencyThresholds(data_config.latency_threshold),
-        baseline_config or BaselineConfig(),
-    )
+    fold_settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, num_threads=threads))
+    template = FoldTask(folds[0], table, fold_settings)
     tasks = _tasks(table, folds, template)
     if executor == "ray":
-        return run_on_ray(tasks, jobs, threads, training_config.device, ray_address, on_result)
+        return run_on_ray(tasks, jobs, threads, settings.training.device, ray_address, on_result)
     results = []
     if jobs <= 1:
         for task in tasks:

@@ -79,6 +79,71 @@ def _early_stopping_split(
     return fit, held
 
 
+def _drawn_ends(train_ends: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    """The training ends the baseline is fitted on, sorted: all of them, or a seeded draw of
+    ``max_samples`` without replacement."""
+    ends = np.sort(np.asarray(train_ends, dtype=np.int64))
+    if len(ends) == 0:
+        raise ValueError("no training windows to fit the gradient-boosting baseline on")
+    if len(ends) > max_samples:
+        rng = np.random.default_rng(seed)
+        ends = ends[np.sort(rng.choice(len(ends), size=max_samples, replace=False))]
+    return ends
+
+
+def _training_matrices(
+    features: np.ndarray,
+    target: np.ndarray,
+    service_codes: np.ndarray,
+    window_ends: np.ndarray,
+    sequence_length: int,
+    horizon: int,
+    loss: str,
+    anchor: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The flattened windows ending at ``window_ends`` (:func:`_gather`) and what the trees learn
+    for each: the encoded latency at t+H, less the encoded latency at t when anchored."""
+    # scikit-learn bins a float64 copy of whatever it is given: built float64 here, the
+    # windows exist once (not as float32 plus its float64 copy, nor as a slice of a whole)
+    matrix = np.empty((len(window_ends), sequence_length * features.shape[1] + 1), dtype=np.float64)
+    y = _encode(target[window_ends + horizon].astype(np.float64), loss)
+    if anchor:
+        y -= _encode(target[window_ends].astype(np.float64), loss)
+    return _gather(matrix, features, service_codes, window_ends, sequence_length), y
+
+
+def _regressor(
+    loss: str, learning_rate: float, max_iter: int, n_columns: int, n_services: int, early_stopping: bool, seed: int
+) -> HistGradientBoostingRegressor:
+    """The unfitted regressor for ``loss`` on matrices of ``n_columns`` (the service code last)."""
+    return HistGradientBoostingRegressor(
+        loss="absolute_error" if loss.endswith("absolute_error") else "squared_error",
+        learning_rate=learning_rate,
+        max_iter=max_iter,
+        # more services than HistGradientBoosting's category ceiling: the code as a number
+        categorical_features=[n_columns - 1] if n_services <= _MAX_CATEGORIES else None,
+        early_stopping=early_stopping,
+        random_state=seed,
+    )
+
+
+def _fit_regressor(
+    regressor: HistGradientBoostingRegressor,
+    matrix: np.ndarray,
+    y: np.ndarray,
+    held: tuple[np.ndarray, np.ndarray] | None,
+) -> HistGradientBoostingRegressor:
+    """Fit ``regressor`` on ``matrix`` and ``y``, stopping early on the ``held`` windows (matrix and
+    targets) when given: through ``X_val`` where this scikit-learn has it."""
+    if held is None:
+        regressor.fit(matrix, y)
+    elif _supports_validation_set():
+        regressor.fit(matrix, y, X_val=held[0], y_val=held[1])
+    else:
+        regressor = _fit_stopping_on(regressor, matrix, y, *held)
+    return regressor
+
+
 @dataclass
 class GradientBoostingBaseline:
     """scikit-learn HistGradientBoostingRegressor on the flattened L x F input window plus the
@@ -145,13 +210,7 @@ class GradientBoostingBaseline:
         """
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        ends = np.sort(np.asarray(train_ends, dtype=np.int64))
-        if len(ends) == 0:
-            raise ValueError("no training windows to fit the gradient-boosting baseline on")
-        if len(ends) > max_samples:
-            rng = np.random.default_rng(seed)
-            ends = ends[np.sort(rng.choice(len(ends), size=max_samples, replace=False))]
-        n_features = features.shape[1]
+        ends = _drawn_ends(train_ends, max_samples, seed)
         early_stopping = len(ends) > EARLY_STOPPING_MIN_SAMPLES
         if early_stopping:
             fit_mask, held_mask = _early_stopping_split(ends, service_codes, EARLY_STOPPING_FRACTION, sequence_length + horizon)
@@ -159,37 +218,16 @@ class GradientBoostingBaseline:
             fit_mask, held_mask = np.ones(len(ends), dtype=bool), np.zeros(len(ends), dtype=bool)
 
         def matrices(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            # scikit-learn bins a float64 copy of whatever it is given: built float64 here, the
-            # windows exist once (not as float32 plus its float64 copy, nor as a slice of a whole)
-            window_ends = ends[chosen]
-            matrix = np.empty((len(window_ends), sequence_length * n_features + 1), dtype=np.float64)
-            y = _encode(target[window_ends + horizon].astype(np.float64), loss)
-            if anchor:
-                y -= _encode(target[window_ends].astype(np.float64), loss)
-            return _gather(matrix, features, service_codes, window_ends, sequence_length), y
+            return _training_matrices(features, target, service_codes, ends[chosen], sequence_length, horizon, loss, anchor)
 
         matrix, y = matrices(fit_mask)
-        regressor = HistGradientBoostingRegressor(
-            loss="absolute_error" if loss.endswith("absolute_error") else "squared_error",
-            learning_rate=learning_rate,
-            max_iter=max_iter,
-            # more services than HistGradientBoosting's category ceiling: the code as a number
-            categorical_features=[matrix.shape[1] - 1] if n_services <= _MAX_CATEGORIES else None,
-            early_stopping=early_stopping,
-            random_state=seed,
-        )
-        if not early_stopping:
-            regressor.fit(matrix, y)
-        elif _supports_validation_set():
-            held_matrix, held_y = matrices(held_mask)
-            regressor.fit(matrix, y, X_val=held_matrix, y_val=held_y)
-        else:
-            regressor = _fit_stopping_on(regressor, matrix, y, *matrices(held_mask))
+        regressor = _regressor(loss, learning_rate, max_iter, matrix.shape[1], n_services, early_stopping, seed)
+        regressor = _fit_regressor(regressor, matrix, y, matrices(held_mask) if early_stopping else None)
         return cls(
             regressor=regressor,
             sequence_length=sequence_length,
             horizon=horizon,
-            n_features=n_features,
+            n_features=features.shape[1],
             loss=loss,
             anchor=anchor,
             n_samples=len(ends),

@@ -13,11 +13,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from latency_forecast import data, explain, metrics
-from latency_forecast.config import TARGET_COLUMN, CausalityConfig, ExplainConfig
+from latency_forecast.background import Background
+from latency_forecast.config import TARGET_COLUMN, ExplainConfig
 from latency_forecast.data import TimeRange, format_minute
 from latency_forecast.errors import UserError
 from latency_forecast.evaluation import Evaluation, evaluate
 from latency_forecast.forecaster import Forecaster, PreparedSeries
+from latency_forecast.script_config import CausalityConfig
 
 MANIFEST_KEYS = ("service", "start", "end", "fault")
 
@@ -255,7 +257,7 @@ def analyze(
     forecaster: Forecaster,
     prepared: PreparedSeries,
     time_range: TimeRange,
-    background: explain.Background,
+    background: Background,
     faults: Sequence[Fault] | None,
     config: CausalityConfig,
     explain_config: ExplainConfig,
@@ -267,32 +269,15 @@ def analyze(
     ------
     UserError : when the range holds no complete window to forecast, or none of the given faults.
     """
-    settings = forecaster.data_config
-    horizon = settings.horizon
+    horizon = forecaster.data_config.horizon
     table = prepared.table
-    forecasts = forecasts_in(forecaster, prepared, time_range)
-    if not len(forecasts):
-        raise UserError(
-            f"no complete window forecasts a minute between {format_minute(time_range.start)} and "
-            f"{format_minute(time_range.end)}: each needs {settings.sequence_length} minutes of finite inputs and a "
-            f"finite latency {horizon} minutes later; widen --start-ts/--end-ts"
-        )
+    forecasts = _forecasts_to_analyze(forecaster, prepared, time_range)
     rankable = [name for name in forecaster.feature_columns if name != TARGET_COLUMN]
-    inside = [f for f in faults or [] if f.start < time_range.end and f.end + horizon >= time_range.start]
-    if faults and not inside:  # nothing to score: the manifest of another run, or the wrong range
-        raise UserError(
-            f"none of the {len(faults)} faults of the chaos manifest falls in the analysed window "
-            f"{format_minute(time_range.start)} to {format_minute(time_range.end)}; pass the manifest of the chaos run "
-            "this store holds, or widen --start-ts/--end-ts"
-        )
+    inside = _faults_in_range(faults, time_range, horizon)
     events = true_positive_events(forecasts.service_codes, forecasts.target_minutes, forecasts.true_positive)
     for event in events:
         event.fault = fault_of(table.services[forecasts.service_codes[event.position]], int(forecasts.target_minutes[event.position]), inside, horizon)
-    if config.event_order == "predicted":
-        chosen = sorted(events, key=lambda e: (-forecasts.forecast[e.position], forecasts.target_minutes[e.position]))
-    else:
-        chosen = sorted(events, key=lambda e: (forecasts.target_minutes[e.position], e.position))
-    chosen = chosen[: config.max_samples]
+    chosen = _chosen_events(events, forecasts, config)
     cases = match_faults(inside, forecasts, table.services, forecaster.services, rankable, horizon)
 
     positions = sorted({e.position for e in chosen} | {c.position for c in cases if c.position is not None})
@@ -304,12 +289,69 @@ def analyze(
         if case.position is not None:
             case.ranking = rankings[case.position]
 
+    report_events, figure_events = _describe_events(
+        chosen, forecasts, table.services, inside, attributions, explained, rankings, forecaster.feature_columns, horizon
+    )
+    report = _analysis_report(forecaster, time_range, forecasts, attributions.method, events, config.event_order, report_events)
+    if faults is not None:
+        report["validation"] = validation_summary(cases, forecasts, len(rankable), len(faults) - len(inside))
+    return Analysis(report, figure_events)
+
+
+def _forecasts_to_analyze(forecaster: Forecaster, prepared: PreparedSeries, time_range: TimeRange) -> Evaluation:
+    """:func:`forecasts_in`, or a user error when the range holds no complete window to forecast."""
+    settings = forecaster.data_config
+    forecasts = forecasts_in(forecaster, prepared, time_range)
+    if not len(forecasts):
+        raise UserError(
+            f"no complete window forecasts a minute between {format_minute(time_range.start)} and "
+            f"{format_minute(time_range.end)}: each needs {settings.sequence_length} minutes of finite inputs and a "
+            f"finite latency {settings.horizon} minutes later; widen --start-ts/--end-ts"
+        )
+    return forecasts
+
+
+def _faults_in_range(faults: Sequence[Fault] | None, time_range: TimeRange, horizon: int) -> list[Fault]:
+    """The faults whose span [start, end + H] meets the range; a user error when faults are given
+    but none does."""
+    inside = [f for f in faults or [] if f.start < time_range.end and f.end + horizon >= time_range.start]
+    if faults and not inside:  # nothing to score: the manifest of another run, or the wrong range
+        raise UserError(
+            f"none of the {len(faults)} faults of the chaos manifest falls in the analysed window "
+            f"{format_minute(time_range.start)} to {format_minute(time_range.end)}; pass the manifest of the chaos run "
+            "this store holds, or widen --start-ts/--end-ts"
+        )
+    return inside
+
+
+def _chosen_events(events: Sequence[Event], forecasts: Evaluation, config: CausalityConfig) -> list[Event]:
+    """The events to explain: at most ``max_samples``, the earliest or the highest predicted first."""
+    if config.event_order == "predicted":
+        chosen = sorted(events, key=lambda e: (-forecasts.forecast[e.position], forecasts.target_minutes[e.position]))
+    else:
+        chosen = sorted(events, key=lambda e: (forecasts.target_minutes[e.position], e.position))
+    return chosen[: config.max_samples]
+
+
+def _describe_events(
+    chosen: Sequence[Event],
+    forecasts: Evaluation,
+    services: Sequence[str],
+    inside: Sequence[Fault],
+    attributions: explain.Attributions,
+    explained: dict[int, int],
+    rankings: dict[int, list[str]],
+    feature_columns: Sequence[str],
+    horizon: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The report's ``events`` and the figure's, one each per chosen event (``explained`` maps a
+    forecast position to its row of ``attributions``)."""
     report_events, figure_events = [], []
     for event in chosen:
         i, position = explained[event.position], event.position
         fault = inside[event.fault] if event.fault is not None else None
-        service = table.services[forecasts.service_codes[position]]
-        scores = dict(zip(forecaster.feature_columns, attributions.values[i].tolist()))
+        service = services[forecasts.service_codes[position]]
+        scores = dict(zip(feature_columns, attributions.values[i].tolist()))
         report_events.append(
             {
                 "service": service,
@@ -334,21 +376,35 @@ def analyze(
                 "fault": fault.fault if fault else None,
             }
         )
+    return report_events, figure_events
+
+
+def _analysis_report(
+    forecaster: Forecaster,
+    time_range: TimeRange,
+    forecasts: Evaluation,
+    method: str,
+    events: Sequence[Event],
+    event_order: str,
+    report_events: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The causality report without its ``validation`` block."""
+    settings = forecaster.data_config
     n_tp = int(forecasts.true_positive.sum())
     report: dict[str, Any] = {
         "window": time_range.as_dict(),
         "model": {
             "feature_columns": list(forecaster.feature_columns),
             "sequence_length": settings.sequence_length,
-            "horizon": horizon,
+            "horizon": settings.horizon,
             "latency_thresholds": forecaster.latency_thresholds.as_dict(),
             "alert": forecaster.alert.as_dict(),
         },
-        "method": attributions.method,
+        "method": method,
         "n_samples": len(forecasts),
         "n_true_positives": n_tp,
         "n_events": len(events),
-        "event_order": config.event_order,
+        "event_order": event_order,
         "events": report_events,
     }
     if not events:
@@ -357,6 +413,4 @@ def analyze(
             f"latency threshold ({int(forecasts.alert.sum())} alerts, {int(forecasts.breach.sum())} breaches "
             f"in {len(forecasts):,} forecasts), so there is no predicted spike to explain"
         )
-    if faults is not None:
-        report["validation"] = validation_summary(cases, forecasts, len(rankable), len(faults) - len(inside))
-    return Analysis(report, figure_events)
+    return report

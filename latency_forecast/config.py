@@ -1,34 +1,29 @@
-"""Every setting and its default, as dataclasses; the scripts build their flags from these fields.
+"""The settings of training and of what every script shares, as dataclasses, and their
+validation; the scripts build their flags from these fields (``flags.py``). The other scripts'
+own settings are in ``script_config.py``.
 
-A default lives in exactly one place: a field here, with its help text in ``metadata``. The
-whole configuration travels inside the checkpoint as a plain dict (:func:`to_dict`), so a model
-is always rebuilt with the settings it was trained with.
+A default lives in exactly one place: a field, with its help text in ``metadata``. The whole
+configuration travels inside the checkpoint as a plain dict (:func:`to_dict`), so a model is
+always rebuilt with the settings it was trained with.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from latency_forecast.errors import UserError
+from latency_forecast.flags import flag, setting
 
 TARGET_COLUMN = "target_latency_p99"
-
-
-def _setting(default: Any, help: str, **metadata: Any) -> Any:
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class StoreConfig:
     """Where the telemetry comes from."""
 
-    feature_store_path: str = _setting(
+    feature_store_path: str = setting(
         "feature_store",
         "feature store: a Parquet file or a directory of them (hive partitions allowed), local or an "
         "object-store URI such as s3://bucket/prefix (AWS_* variables; AWS_ENDPOINT_URL for MinIO, Ceph); "
@@ -40,10 +35,10 @@ class StoreConfig:
 class TimeRangeConfig:
     """Which minutes of the store are read."""
 
-    start_ts: str | None = _setting(
+    start_ts: str | None = setting(
         None, "first minute to read, ISO-8601 (UTC unless an offset is given); default: start of the store"
     )
-    end_ts: str | None = _setting(
+    end_ts: str | None = setting(
         None, "last minute to read (exclusive), ISO-8601; default: end of the store"
     )
 
@@ -52,31 +47,31 @@ class TimeRangeConfig:
 class DataConfig:
     """How the telemetry becomes samples."""
 
-    feature_columns: list[str] | None = _setting(
+    feature_columns: list[str] | None = setting(
         None,
         "comma-separated input features; default: every numeric column, the latency's own history "
         f"({TARGET_COLUMN}) included (leave it out to forecast from telemetry alone)",
     )
-    sequence_length: int = _setting(16, "minutes of history per window (L)")
-    horizon: int = _setting(5, "minutes ahead to forecast (H): inputs end at t, the target is t+H")
-    latency_threshold: float = _setting(500.0, "p99 latency in ms at or above which a minute is a breach")
-    latency_thresholds: str | None = _setting(
+    sequence_length: int = setting(16, "minutes of history per window (L)")
+    horizon: int = setting(5, "minutes ahead to forecast (H): inputs end at t, the target is t+H")
+    latency_threshold: float = setting(500.0, "p99 latency in ms at or above which a minute is a breach")
+    latency_thresholds: str | None = setting(
         None,
         "JSON or YAML file mapping service -> threshold ms, with an optional 'default' entry "
         "(else --latency-threshold); overrides --latency-threshold per service",
     )
-    validation_fraction: float = _setting(0.15, "share of the store's minutes used for validation (after train)")
-    test_fraction: float = _setting(0.15, "share of the store's minutes held out for test (the last ones)")
-    embargo_minutes: int = _setting(
+    validation_fraction: float = setting(0.15, "share of the store's minutes used for validation (after train)")
+    test_fraction: float = setting(0.15, "share of the store's minutes held out for test (the last ones)")
+    embargo_minutes: int = setting(
         0, "gap between train, validation and test; 0 means the minimum, sequence length + horizon"
     )
-    target_scale: str = _setting(
+    target_scale: str = setting(
         "pooled",
         "scale of the standardised log latency the network learns: pooled (one for all services, so a 2x "
         "error costs the same everywhere) or service (each service's own spread)",
         choices=("pooled", "service"),
     )
-    feature_transform: str = _setting(
+    feature_transform: str = setting(
         "auto",
         "transform applied to features before standard scaling: log1p (signed, tames heavy-tailed "
         "counters such as bytes and queue depth); auto, log1p except that a column whose training values "
@@ -86,17 +81,17 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.sequence_length >= 1, "--sequence-length must be at least 1")
-        _require(self.horizon >= 1, "--horizon must be at least 1")
-        _require(self.latency_threshold > 0, "--latency-threshold must be positive (milliseconds)")
+        require(self.sequence_length >= 1, "--sequence-length must be at least 1")
+        require(self.horizon >= 1, "--horizon must be at least 1")
+        require(self.latency_threshold > 0, "--latency-threshold must be positive (milliseconds)")
         for name in ("validation_fraction", "test_fraction"):
             value = getattr(self, name)
-            _require(0 < value < 1, f"--{_flag(name)} must be between 0 and 1, got {value}")
-        _require(
+            require(0 < value < 1, f"{flag(name)} must be between 0 and 1, got {value}")
+        require(
             self.validation_fraction + self.test_fraction < 0.9,
             "--validation-fraction plus --test-fraction must leave at least 10% of the data for training",
         )
-        _require(
+        require(
             self.embargo_minutes == 0 or self.embargo_minutes >= self.window_minutes,
             f"--embargo-minutes must be 0 (automatic) or at least sequence length + horizon "
             f"= {self.window_minutes}, got {self.embargo_minutes}",
@@ -120,28 +115,35 @@ MAX_AUTO_ENSEMBLE = 5  # and never more than this
 class ModelConfig:
     """The recurrent forecaster."""
 
-    cell: str = _setting("lstm", "recurrent cell", choices=("lstm", "gru"))
-    hidden_size: int = _setting(32, "units per recurrent layer (of each network of an ensemble)")
-    num_layers: int = _setting(1, "stacked recurrent layers")
-    dropout: float = _setting(0.1, "dropout between recurrent layers and before the head")
-    service_embedding_dim: int = _setting(
+    cell: str = setting("lstm", "recurrent cell", choices=("lstm", "gru"))
+    hidden_size: int = setting(32, "units per recurrent layer (of each network of an ensemble)")
+    num_layers: int = setting(1, "stacked recurrent layers")
+    dropout: float = setting(0.1, "dropout between recurrent layers and before the head")
+    service_embedding_dim: int = setting(
         8, "size of the learned per-service embedding fed to the head (0 disables it)"
     )
-    anchor: str = _setting(
+    anchor: str = setting(
         "auto",
         f"auto: when {TARGET_COLUMN} is an input (as by default), forecast the change from "
         "the service's latency at t (persistence plus a learned correction); none: always forecast the level",
         choices=("auto", "none"),
     )
-    multitask: bool = _setting(
+    latency_history: str = setting(
+        "level",
+        f"how an anchored model reads {TARGET_COLUMN}'s history: level (scaled like every feature) or relative "
+        "(as the log ratio to the latency at t, so a service whose level moved after training is forecast from "
+        "where it is now)",
+        choices=("level", "relative"),
+    )
+    multitask: bool = setting(
         False, "add a head for the breach probability, trained jointly; alerts then fire on that probability"
     )
-    quantiles: str = _setting(
+    quantiles: str = setting(
         "0.5,0.9",
         "also forecast these quantiles of the p99 at t+H (pinball loss), comma-separated levels in (0, 1), "
         "so every forecast carries an interval and alerts can fire on an upper bound (--alert-on); none: no quantiles",
     )
-    ensemble_size: int = _setting(
+    ensemble_size: int = setting(
         0,
         "networks trained side by side from different initial weights, their forecasts averaged; 0 (auto): "
         f"as many as fill --samples-per-epoch with the store's training windows, {MIN_AUTO_ENSEMBLE} to {MAX_AUTO_ENSEMBLE} "
@@ -157,7 +159,7 @@ class ModelConfig:
             levels = tuple(sorted({float(level) for level in self.quantiles.split(",") if level.strip()}))
         except ValueError:
             levels = (-1.0,)
-        _require(bool(levels) and all(0 < level < 1 for level in levels), f"--quantiles must be levels in (0, 1) such as 0.5,0.9, or none; got {self.quantiles!r}")
+        require(bool(levels) and all(0 < level < 1 for level in levels), f"--quantiles must be levels in (0, 1) such as 0.5,0.9, or none; got {self.quantiles!r}")
         return levels
 
     @property
@@ -167,11 +169,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _ = self.quantile_levels  # validates --quantiles
-        _require(self.hidden_size >= 1, "--hidden-size must be at least 1")
-        _require(self.num_layers >= 1, "--num-layers must be at least 1")
-        _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
-        _require(self.service_embedding_dim >= 0, "--service-embedding-dim must be 0 or more")
-        _require(self.ensemble_size >= 0, "--ensemble-size must be 0 (auto) or more")
+        require(self.hidden_size >= 1, "--hidden-size must be at least 1")
+        require(self.num_layers >= 1, "--num-layers must be at least 1")
+        require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+        require(self.service_embedding_dim >= 0, "--service-embedding-dim must be 0 or more")
+        require(self.ensemble_size >= 0, "--ensemble-size must be 0 (auto) or more")
 
 
 AUTO_BATCH_SIZES = (64, 128, 256)  # --batch-size 0 (auto) takes the smallest of these
@@ -182,81 +184,81 @@ MAX_AUTO_BATCH_STEPS = 800  # whose epoch is at most this many steps (else the l
 class TrainingConfig:
     """The optimisation loop."""
 
-    epochs: int = _setting(20, "maximum passes over the training windows")
-    batch_size: int = _setting(
+    epochs: int = setting(20, "maximum passes over the training windows")
+    batch_size: int = setting(
         0,
         f"windows per optimisation step; 0 (auto): {AUTO_BATCH_SIZES[0]}, doubled up to {AUTO_BATCH_SIZES[-1]} while an epoch "
         f"would take more than {MAX_AUTO_BATCH_STEPS} steps (smaller batches forecast better on every development "
         "store; larger ones keep an epoch's cost bounded on large stores). The cause model, which only ranks "
         f"features, trains in batches of at least {AUTO_BATCH_SIZES[-1]}",
     )
-    learning_rate: float = _setting(2e-3, "Adam learning rate")
-    weight_decay: float = _setting(0.0, "Adam weight decay (L2)")
-    patience: int = _setting(4, "stop after this many epochs without a better validation loss")
-    lr_patience: int = _setting(
+    learning_rate: float = setting(2e-3, "Adam learning rate")
+    weight_decay: float = setting(0.0, "Adam weight decay (L2)")
+    patience: int = setting(4, "stop after this many epochs without a better validation loss")
+    lr_patience: int = setting(
         2,
         "halve the learning rate once more than this many epochs in a row bring no better validation loss "
-        "(ReduceLROnPlateau's patience); 1 was worse on TrainTicket's validation and the synthetic stores' episodes",
+        "(ReduceLROnPlateau's patience); 1 scores worse on TrainTicket's validation and the synthetic stores' episodes",
     )
-    gradient_clip: float = _setting(1.0, "clip the gradient norm to this (0 disables); keeps spike batches from derailing the LSTM")
-    samples_per_epoch: int = _setting(
+    gradient_clip: float = setting(1.0, "clip the gradient norm to this (0 disables); keeps spike batches from derailing the LSTM")
+    samples_per_epoch: int = setting(
         100_000,
         "training windows drawn (without replacement) per epoch; 0 uses all. Neighbouring "
         "minutes are near-duplicates, so a fresh subset each epoch learns as much, faster",
     )
-    loss: str = _setting(
+    loss: str = setting(
         "huber",
         "regression loss on the per-service standardised log latency: huber (robust to "
         "one-minute blips, still linear in large spike errors) or mse",
         choices=("huber", "mse"),
     )
-    huber_delta: float = _setting(1.0, "Huber transition point, in per-service standard deviations")
-    quantile_loss_weight: float = _setting(
+    huber_delta: float = setting(1.0, "Huber transition point, in per-service standard deviations")
+    quantile_loss_weight: float = setting(
         1.0, "weight of the quantiles' pinball loss beside the point forecast's loss (unweighted by --spike-weight, so coverage stays honest)"
     )
-    spike_weight: float = _setting(
+    spike_weight: float = setting(
         3.0,
         "extra loss weight for spike targets (over 3 robust standard deviations above the "
         "service's median latency); spikes are rare but they are what alerts are about",
     )
-    breach_loss_weight: float = _setting(1.0, "with --multitask: weight of the breach (BCE) loss beside the regression loss")
-    breach_pos_weight: float = _setting(
+    breach_loss_weight: float = setting(1.0, "with --multitask: weight of the breach (BCE) loss beside the regression loss")
+    breach_pos_weight: float = setting(
         10.0, "with --multitask: BCE weight of a breach sample against a normal one (breaches are rare)"
     )
-    device: str = _setting("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
-    num_threads: int = _setting(0, "torch CPU threads; 0 keeps torch's default")
-    seed: int = _setting(0, "seed for weights, shuffling and dropout; CPU runs are reproducible")
+    device: str = setting("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
+    num_threads: int = setting(0, "torch CPU threads; 0 keeps torch's default")
+    seed: int = setting(0, "seed for weights, shuffling and dropout; CPU runs are reproducible")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience"):
-            _require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
-        _require(self.batch_size >= 0, "--batch-size must be 0 (auto) or more")
-        _require(self.learning_rate > 0, "--learning-rate must be positive")
-        _require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
-        _require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")
-        _require(self.huber_delta > 0, "--huber-delta must be positive")
-        _require(self.quantile_loss_weight >= 0, "--quantile-loss-weight must be 0 or more")
-        _require(self.lr_patience >= 0, "--lr-patience must be 0 or more")
-        _require(self.gradient_clip >= 0, "--gradient-clip must be 0 (off) or more")
-        _require(self.spike_weight >= 0, "--spike-weight must be 0 or more")
-        _require(self.num_threads >= 0, "--num-threads must be 0 (default) or more")
-        _require(self.breach_loss_weight >= 0, "--breach-loss-weight must be 0 or more")
-        _require(self.breach_pos_weight > 0, "--breach-pos-weight must be positive")
+            require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")
+        require(self.batch_size >= 0, "--batch-size must be 0 (auto) or more")
+        require(self.learning_rate > 0, "--learning-rate must be positive")
+        require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
+        require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")
+        require(self.huber_delta > 0, "--huber-delta must be positive")
+        require(self.quantile_loss_weight >= 0, "--quantile-loss-weight must be 0 or more")
+        require(self.lr_patience >= 0, "--lr-patience must be 0 or more")
+        require(self.gradient_clip >= 0, "--gradient-clip must be 0 (off) or more")
+        require(self.spike_weight >= 0, "--spike-weight must be 0 or more")
+        require(self.num_threads >= 0, "--num-threads must be 0 (default) or more")
+        require(self.breach_loss_weight >= 0, "--breach-loss-weight must be 0 or more")
+        require(self.breach_pos_weight > 0, "--breach-pos-weight must be positive")
 
 
 @dataclass
 class AlertConfig:
     """When an alert fires."""
 
-    target_fpr: float = _setting(
+    target_fpr: float = setting(
         0.01,
         "calibrate the alert threshold on the validation split to the most sensitive one whose "
         "false positive rate is at most this; 0 alerts when the --alert-on forecast reaches the latency threshold",
     )
-    calibrate_per_service: bool = _setting(
+    calibrate_per_service: bool = setting(
         False, "calibrate one alert threshold per service (services with too few validation negatives use the global one)"
     )
-    alert_on: str = _setting(
+    alert_on: str = setting(
         "auto",
         "what the alert thresholds: forecast (the point forecast over the latency threshold) or one of --quantiles, "
         "e.g. 0.9 (the upper bound over the latency threshold); auto: the highest of --quantiles above 0.5, else "
@@ -264,13 +266,13 @@ class AlertConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(0 <= self.target_fpr < 1, f"--target-fpr must be in [0, 1), got {self.target_fpr}")
+        require(0 <= self.target_fpr < 1, f"--target-fpr must be in [0, 1), got {self.target_fpr}")
         if self.alert_on not in ("auto", "forecast"):
             try:
                 level = float(self.alert_on)
             except ValueError:
                 level = -1.0
-            _require(0 < level < 1, f"--alert-on must be auto, forecast or a quantile level such as 0.9, got {self.alert_on!r}")
+            require(0 < level < 1, f"--alert-on must be auto, forecast or a quantile level such as 0.9, got {self.alert_on!r}")
 
 
 BASELINES = ("persistence", "gradient_boosting")
@@ -280,12 +282,12 @@ BASELINES = ("persistence", "gradient_boosting")
 class BaselineConfig:
     """What the model is compared with, on exactly the same samples."""
 
-    baselines: str = _setting(
+    baselines: str = setting(
         ",".join(BASELINES),
         "comma-separated baselines: persistence (the latency at t; always reported) and gradient_boosting "
         "(scikit-learn's HistGradientBoostingRegressor on the flattened window plus the service, fitted on training windows only)",
     )
-    gradient_boosting_max_samples: int = _setting(
+    gradient_boosting_max_samples: int = setting(
         200_000, "training windows the gradient-boosting baseline is fitted on at most (a seeded subsample)"
     )
 
@@ -294,127 +296,66 @@ class BaselineConfig:
         """The baselines to report, persistence first and always."""
         names = [name.strip() for name in self.baselines.split(",") if name.strip()]
         unknown = sorted(set(names) - set(BASELINES))
-        _require(not unknown, f"--baselines names unknown baselines {', '.join(unknown)}; choose among {', '.join(BASELINES)}")
+        require(not unknown, f"--baselines names unknown baselines {', '.join(unknown)}; choose among {', '.join(BASELINES)}")
         return [name for name in BASELINES if name in names or name == "persistence"]
 
     def __post_init__(self) -> None:
         _ = self.baseline_names  # validates --baselines
-        _require(self.gradient_boosting_max_samples >= 100, "--gradient-boosting-max-samples must be at least 100")
+        require(self.gradient_boosting_max_samples >= 100, "--gradient-boosting-max-samples must be at least 100")
 
 
 @dataclass
 class ExplainConfig:
     """Shapley attributions (one player per feature, over all the window's minutes)."""
 
-    max_exact_features: int = _setting(
+    max_exact_features: int = setting(
         14,
         "explain exactly, with all 2^F coalitions of the F features, up to this many features; "
         "above it, coalitions are sampled (--coalition-samples) and the output's method says so",
     )
-    coalition_samples: int = _setting(
+    coalition_samples: int = setting(
         1024,
         "coalitions evaluated per window when there are more than --max-exact-features features "
         "(TrainTicket, 19: the same ranking as 2048, every share within 0.0015, in 0.7x the time)",
     )
 
     def __post_init__(self) -> None:
-        _require(1 <= self.max_exact_features <= 20, "--max-exact-features must be between 1 and 20 (2^20 coalitions)")
-        _require(self.coalition_samples >= 16, "--coalition-samples must be at least 16")
+        require(1 <= self.max_exact_features <= 20, "--max-exact-features must be between 1 and 20 (2^20 coalitions)")
+        require(self.coalition_samples >= 16, "--coalition-samples must be at least 16")
 
 
 @dataclass
 class ImportanceConfig:
     """Feature importance written after training (feature_importance.json)."""
 
-    shap_samples: int = _setting(
+    shap_samples: int = setting(
         200,
         "validation windows to explain for feature_importance.json, stratified so that predicted "
         "breaches are included; 0 skips the explanation",
     )
-    background_size: int = _setting(
+    background_size: int = setting(
         10,
         "background windows per service: a weighted k-means summary of that service's training "
         "windows, saved in the checkpoint; each explained window costs 2^F x this many model evaluations",
     )
 
     def __post_init__(self) -> None:
-        _require(self.shap_samples >= 0, "--shap-samples must be 0 (skip) or more")
-        _require(self.background_size >= 1, "--background-size must be at least 1")
-
-
-@dataclass
-class CheckpointConfig:
-    """The trained model to use."""
-
-    model_checkpoint: str = _setting("artifacts/latency_forecaster.pt", "checkpoint written by train.py")
-    scaler_path: str = _setting("artifacts/scaler.pt", "scaler.pt written beside the checkpoint")
-
-
-@dataclass
-class CausalityConfig:
-    """Which faults, what to write (analyze_causality.py)."""
-
-    chaos_manifest: str | None = _setting(
-        None, "chaos manifest (JSON list of injected faults) to score the explanations against; default: no scoring"
-    )
-    max_samples: int = _setting(10, "true-positive events to explain and report (faults of the manifest are all scored)")
-    event_order: str = _setting(
-        "earliest",
-        "which events are explained when there are more than --max-samples: the earliest, or the "
-        "highest predicted latency",
-        choices=("earliest", "predicted"),
-    )
-    output: str = _setting(
-        "artifacts/causality_report.json", "report path; causality_report.png is written beside it"
-    )
-
-    def __post_init__(self) -> None:
-        _require(self.max_samples >= 0, "--max-samples must be 0 or more")
-        _require(self.output.endswith(".json"), f"--output must name a .json file, got {self.output}")
-
-
-@dataclass
-class ForecastConfig:
-    """When to forecast and where the forecasts go (forecast.py)."""
-
-    at: str | None = _setting(
-        None, "forecast from the window ending at this minute, ISO-8601 (UTC unless an offset is given); default: the newest minute in the store"
-    )
-    max_staleness_minutes: int = _setting(
-        5, "a service whose newest minute is more than this many minutes before --at is reported stale, not forecast"
-    )
-    output: str = _setting("artifacts/forecasts.json", "path of forecasts.json")
-    prometheus_textfile: str | None = _setting(
-        None, "also write the forecasts in Prometheus' text format here, for node_exporter's textfile collector (a *.prom file)"
-    )
-    alertmanager_url: str | None = _setting(
-        None, "also post the firing alerts to this Alertmanager (its base URL, e.g. http://alertmanager:9093)"
-    )
-    alertmanager_timeout: float = _setting(5.0, "seconds to wait for Alertmanager before giving up")
-    resolve_after_minutes: float = _setting(
-        5.0, "a posted alert ends this many minutes after the run unless a later run posts it again"
-    )
-    severity: str = _setting("warning", "severity label of the posted alerts")
-
-    def __post_init__(self) -> None:
-        _require(self.max_staleness_minutes >= 0, "--max-staleness-minutes must be 0 or more")
-        _require(self.output.endswith(".json"), f"--output must name a .json file, got {self.output}")
-        _require(self.alertmanager_timeout > 0, "--alertmanager-timeout must be positive (seconds)")
-        _require(self.resolve_after_minutes > 0, "--resolve-after-minutes must be positive")
+        require(self.shap_samples >= 0, "--shap-samples must be 0 (skip) or more")
+        require(self.background_size >= 1, "--background-size must be at least 1")
 
 
 @dataclass
 class OutputConfig:
     """Where results go and how much is printed."""
 
-    output_dir: str = _setting("artifacts", "directory for the checkpoint, metrics and plots")
+    output_dir: str = setting("artifacts", "directory for the checkpoint, metrics and plots")
 
 
 @dataclass
 class ResumeConfig:
     """Continuing an interrupted train.py run."""
 
-    resume: bool = _setting(
+    resume: bool = setting(
         False,
         "continue the interrupted run into the same --output-dir from its last finished epoch "
         "(the state is saved after every epoch); refused when the settings or the data differ",
@@ -425,171 +366,20 @@ class ResumeConfig:
 class ProgressConfig:
     """How much is printed while a run goes."""
 
-    quiet: bool = _setting(False, "no progress bars, per-epoch or per-fold lines; the summary is still printed")
+    quiet: bool = setting(False, "no progress bars, per-epoch or per-fold lines; the summary is still printed")
 
 
 MINUTES_PER_DAY = 1440
-
-
-@dataclass
-class BacktestConfig:
-    """Walk-forward folds (backtest.py)."""
-
-    train_window_days: float = _setting(
-        21.0,
-        "days each fold learns from; its last --validation-fraction (after an embargo) is kept for early stopping",
-    )
-    val_window_days: float = _setting(
-        7.0, "days each fold is judged on, right after its training window; the first --embargo-minutes are skipped"
-    )
-    step_days: float | None = _setting(
-        None, "days between consecutive folds; default: --val-window-days, so validation windows tile the data"
-    )
-    window_mode: str = _setting(
-        "sliding",
-        "sliding: every fold trains on the last --train-window-days; expanding: on everything from the start of the data",
-        choices=("sliding", "expanding"),
-    )
-    jobs: int = _setting(
-        1,
-        "folds trained at once, each in its own process (or Ray task) with --num-threads torch threads "
-        "(0: the cores divided by --jobs)",
-    )
-    executor: str = _setting(
-        "local",
-        "local: folds run in worker processes on this machine; ray: each fold is a Ray task asking for "
-        "--num-threads CPUs (and a share of the GPUs unless --device cpu); needs `pip install -r requirements-ray.txt`",
-        choices=("local", "ray"),
-    )
-    ray_address: str | None = _setting(
-        None,
-        "Ray cluster for --executor ray (auto, HOST:PORT or ray://HOST:10001; the package is shipped to its workers); "
-        "default: a local Ray instance, started for the run with --jobs times --num-threads CPUs and shut down after it",
-    )
-    output: str = _setting("artifacts/backtest.json", "path of backtest.json; backtest.png is written beside it")
-
-    def __post_init__(self) -> None:
-        for name in ("train_window_days", "val_window_days", "step_days"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            _require(
-                math.isfinite(value) and round(value * MINUTES_PER_DAY) >= 1,
-                f"--{_flag(name)} must be positive (at least one minute), got {value}",
-            )
-        _require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
-        _require(
-            self.ray_address is None or self.executor == "ray",
-            f"--ray-address {self.ray_address} is only used with --executor ray; add --executor ray or leave it out",
-        )
-
-    @property
-    def train_window_minutes(self) -> int:
-        return round(self.train_window_days * MINUTES_PER_DAY)
-
-    @property
-    def val_window_minutes(self) -> int:
-        return round(self.val_window_days * MINUTES_PER_DAY)
-
-    @property
-    def step_minutes(self) -> int:
-        return self.val_window_minutes if self.step_days is None else round(self.step_days * MINUTES_PER_DAY)
-
-
-@dataclass
-class SyntheticConfig:
-    """The demo store (python -m latency_forecast.synthetic)."""
-
-    output: str = _setting("feature_store", "store directory to create")
-    days: int = _setting(35, "days of minutes to simulate")
-    services: int = _setting(8, "services; beyond 8 the call graph is repeated")
-    faults_per_day: float = _setting(1.5, "mean injected faults per day")
-    seed: int = _setting(0, "random seed; same seed, same store")
-    start: str = _setting("2024-05-01T00:00:00Z", "first minute, ISO-8601 UTC")
-
-    def __post_init__(self) -> None:
-        _require(self.days >= 1, f"--days must be at least 1, got {self.days}")
-        _require(self.services >= 1, f"--services must be at least 1, got {self.services}")
-        _require(self.faults_per_day >= 0, f"--faults-per-day must be 0 or more, got {self.faults_per_day}")
 
 
 def quantile_name(level: float) -> str:
     return f"{level:g}"
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """A setting's validation: ``message`` (naming the flag and its allowed values) as a user error."""
     if not condition:
         raise UserError(message)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-# ---------------------------------------------------------------------------------------------
-# argparse from dataclasses
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _comma_list(text: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return items
-
-
-def _field_type(config_class: type, name: str) -> Any:
-    hint = typing.get_type_hints(config_class)[name]
-    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = args[0]
-    return hint
-
-
-def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> argparse.ArgumentParser:
-    """Add one ``--flag`` per field of ``config_class``, with its default, type, choices and help."""
-    group = parser.add_argument_group(config_class.__doc__.strip().rstrip("."))
-    for config_field in dataclasses.fields(config_class):
-        hint = _field_type(config_class, config_field.name)
-        help_text = config_field.metadata["help"]
-        flag = f"--{_flag(config_field.name)}"
-        if hint is bool:
-            group.add_argument(flag, action="store_true", default=config_field.default, help=help_text)
-            continue
-        kwargs: dict[str, Any] = {"default": config_field.default, "help": help_text + " (default: %(default)s)"}
-        if typing.get_origin(hint) is list:
-            kwargs["type"] = _comma_list
-            kwargs["metavar"] = "A,B,..."
-        else:
-            kwargs["type"] = hint
-        if "choices" in config_field.metadata:
-            kwargs["choices"] = config_field.metadata["choices"]
-        group.add_argument(flag, **kwargs)
-    return parser
-
-
-def parent_parser(*config_classes: type) -> argparse.ArgumentParser:
-    """A parser to pass as ``parents=[...]``: the flags of these config classes, nothing else."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for config_class in config_classes:
-        add_arguments(parser, config_class)
-    return parser
-
-
-def from_args(namespace: argparse.Namespace, *config_classes: type) -> Any:
-    """Build each config class from the parsed flags (validation errors become UserError);
-    one class gives its instance, several a tuple in the same order."""
-    built = tuple(
-        config_class(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)})
-        for config_class in config_classes
-    )
-    return built[0] if len(built) == 1 else built
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -601,12 +391,3 @@ def from_dict(config_class: type, values: dict[str, Any]) -> Any:
     """Rebuild a config; keys this version does not know are ignored, missing ones take defaults."""
     known = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{key: value for key, value in values.items() if key in known})
-
-
-def build_parser(prog: str, description: str, parents: Sequence[argparse.ArgumentParser]) -> ArgumentParser:
-    return ArgumentParser(
-        prog=prog,
-        description=description,
-        parents=list(parents),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )

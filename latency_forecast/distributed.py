@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from latency_forecast import data, store
+from latency_forecast import data, scaling, store
 from latency_forecast.config import DataConfig, StoreConfig, TimeRangeConfig
-from latency_forecast.data import FeatureScaler, SeriesTable, TargetNormalizer
+from latency_forecast.data import SeriesTable
 from latency_forecast.errors import UserError
+from latency_forecast.scaling import FeatureScaler, TargetNormalizer
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # At most this many training log latencies (all ranks together) are gathered for the pooled median
@@ -184,27 +185,27 @@ def fit_statistics(table: SeriesTable, rows: np.ndarray, data_config: DataConfig
     rank, world_size = rank_and_world_size()
     saturating = None
     if world_size > 1 and data_config.feature_transform == "auto":  # which columns are fractions: on every rank's rows
-        bounds = data.combine_feature_bounds(all_gather(data.feature_bounds(table.features, rows).ravel()))
-        saturating = data.saturating_columns(bounds)
+        bounds = scaling.combine_feature_bounds(all_gather(scaling.feature_bounds(table.features, rows).ravel()))
+        saturating = scaling.saturating_columns(bounds)
     scaler = FeatureScaler(data_config.feature_transform, saturating=saturating).fit(table.features, rows)
     if world_size == 1:
         return scaler, TargetNormalizer.fit(table, rows, per_service_scale=per_service_scale)
-    moments = [part.reshape(3, -1) for part in all_gather(data.scaler_moments(scaler).ravel())]
-    scaler = data.combine_scalers(moments, data_config.feature_transform, scaler.saturating)
+    moments = [part.reshape(3, -1) for part in all_gather(scaling.scaler_moments(scaler).ravel())]
+    scaler = scaling.combine_scalers(moments, data_config.feature_transform, scaler.saturating)
 
     count = int(np.count_nonzero(rows & np.isfinite(table.target)))  # the targets TargetNormalizer.fit uses
     total = int(all_reduce(np.array([count]))[0])
     sample_size = None if total <= POOLED_SAMPLE_SIZE else int(round(POOLED_SAMPLE_SIZE * count / total))
-    local = data.target_statistics(table, rows, sample_size=sample_size, seed=[seed, rank])
+    local = scaling.target_statistics(table, rows, sample_size=sample_size, seed=[seed, rank])
     n_services = len(table.services)
     packed = all_gather(np.concatenate([local.location, local.scale, local.fitted, [local.count, local.ceiling]]))
     samples = all_gather(local.log_targets)
     parts = [
-        data.TargetStatistics(part[:n_services], part[n_services : 2 * n_services], part[2 * n_services : 3 * n_services],
-                              sample, int(part[-2]), float(part[-1]))
+        scaling.TargetStatistics(part[:n_services], part[n_services : 2 * n_services], part[2 * n_services : 3 * n_services],
+                                 sample, int(part[-2]), float(part[-1]))
         for part, sample in zip(packed, samples)
     ]
-    return scaler, data.combine_target_statistics(parts, per_service_scale)
+    return scaler, scaling.combine_target_statistics(parts, per_service_scale)
 
 
 def joint_digest(digest: str) -> str:

@@ -110,19 +110,17 @@ def fit_baselines(
     return fitted
 
 
-def evaluate(
-    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, fitted_baselines: dict[str, Any] | None = None
-) -> Evaluation:
-    """Model and baselines (persistence and ``fitted_baselines``) on exactly the same samples,
-    each service at its own threshold, alerts by the forecaster's alert rule."""
+def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray) -> Evaluation:
+    """Model and baselines (persistence and the forecaster's fitted ones) on exactly the same
+    samples, each service at its own threshold, alerts by the forecaster's alert rule."""
     horizon = forecaster.data_config.horizon
     table = prepared.table
     threshold = prepared.latency_threshold(ends)
     forecast = forecaster.predict(prepared, ends)
     baselines = {"persistence": table.target[ends].astype(np.float64)}
-    if fitted_baselines:
+    if forecaster.baselines:
         inputs, codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
-        baselines.update({name: baseline.predict(inputs, table.target, codes, ends) for name, baseline in fitted_baselines.items()})
+        baselines.update({name: baseline.predict(inputs, table.target, codes, ends) for name, baseline in forecaster.baselines.items()})
     return Evaluation(
         ends,
         table.service_codes[ends],
@@ -138,13 +136,12 @@ def evaluate(
 
 
 def calibrated_evaluation(
-    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig,
-    fitted_baselines: dict[str, Any] | None = None,
+    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig
 ) -> tuple[Evaluation, AlertRule]:
     """Evaluate on ``ends`` (never test samples), calibrate the alert rule there, and return that
     evaluation under the calibrated rule, with the rule (the forecaster is not changed)."""
     uncalibrated = AlertRule.uncalibrated(forecaster.model_config, alert_config)
-    evaluation = evaluate(dataclasses.replace(forecaster, alert=uncalibrated), prepared, ends, fitted_baselines)
+    evaluation = evaluate(dataclasses.replace(forecaster, alert=uncalibrated), prepared, ends)
     rule = alerting.calibrate(
         evaluation.score, evaluation.breach, evaluation.service_codes, prepared.table.services, uncalibrated, alert_config
     )

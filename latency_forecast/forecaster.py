@@ -1,6 +1,6 @@
-"""The trained bundle: forecaster and cause model networks, scalers, thresholds, alert rule,
-explanation background and settings, its one checkpoint format, and the steps that fit it to a
-table and prepare a table for it.
+"""The trained bundle: forecaster and cause model networks, scalers, thresholds, fitted
+baselines, alert rule, explanation background and settings; its one checkpoint format, and the
+step that prepares a table for it. ``fitting.train`` is the one step that builds it.
 """
 
 from __future__ import annotations
@@ -8,18 +8,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from latency_forecast import artifacts, config, data, distributed, training
+from latency_forecast import artifacts, config, data, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
+from latency_forecast.background import Background
+from latency_forecast.baselines import GradientBoostingBaseline
 from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreConfig, TimeRangeConfig, TrainingConfig
-from latency_forecast.data import FeatureScaler, SeriesTable, TargetNormalizer, TimeRange
+from latency_forecast.data import SeriesTable, TimeRange
 from latency_forecast.errors import UserError
-from latency_forecast.explain import Background
 from latency_forecast.model import Ensemble, LatencyForecaster
+from latency_forecast.scaling import FeatureScaler, TargetNormalizer
 
 # 3: quantile outputs (model.quantiles) and the scaler's fingerprint; 2: a model that reads the
 # latency's history forecasts the change from the latency at t and is explained through a cause model
@@ -36,15 +38,6 @@ CHECKPOINT_KEYS = (
     "cause_model_state_dict",
     "scaler_fingerprint",
 )
-
-# The cause model's validation loss jumps from epoch to epoch more than the anchored forecaster's
-# (it has no latency at t to start from), so it waits longer before stopping: on the development
-# stores patience 4 stopped it at epoch 2 (AC@1 0.85 / 0.77), 8 at a lower loss (0.96 / 0.91).
-CAUSE_MODEL_MIN_PATIENCE = 8
-# It only ranks features, and it ranks them as well in batches of 256 as in the forecaster's smaller
-# ones, at a fraction of the steps: demo chaos runs AC@1 0.93 / AC@3 0.95 either way (128 or 256),
-# TrainTicket's top two and their shares the same (64 or 256), its training 3 s against 7 s.
-CAUSE_MODEL_MIN_BATCH_SIZE = config.AUTO_BATCH_SIZES[-1]
 
 CAUSE_MODEL_PURPOSE = (
     "explains the forecasts (feature_importance.json, analyze_causality.py): the forecaster's network "
@@ -98,14 +91,22 @@ class Forecaster:
     device: torch.device
     latency_thresholds: LatencyThresholds
     alert: AlertRule
-    # explains the forecasts when the forecaster itself cannot name causes (see fit_cause_model)
+    # explains the forecasts when the forecaster itself cannot name causes (see fitting.fit_cause_model)
     cause_model: LatencyForecaster | None = None
     background: Background | None = None  # "normal" windows per service, for explanations
+    # the baselines that learn, fitted on the same training samples (not saved in the checkpoint)
+    baselines: dict[str, GradientBoostingBaseline] = dataclasses.field(default_factory=dict)
     # recorded with the model, not needed to run it
     store_config: StoreConfig | None = None
     time_range_config: TimeRangeConfig | None = None
     alert_config: AlertConfig | None = None
     run_id: str | None = None  # the train.py run that wrote it (metrics.json has the same)
+
+    @property
+    def explainable(self) -> bool:
+        """Whether a network can name causes: the forecaster itself, unless it reads the latency's
+        history (then its cause model, which needs telemetry features besides the latency)."""
+        return self.cause_model is not None or not reads_latency_history(self.feature_columns)
 
     @property
     def explained_model(self) -> LatencyForecaster | Ensemble:
@@ -245,6 +246,7 @@ class Forecaster:
             AlertRule.from_dict(checkpoint["alert"]),
             cause_model,
             Background.from_state(background) if isinstance(background, dict) else None,
+            {},
             config.from_dict(StoreConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(TimeRangeConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(AlertConfig, settings["alert"]) if "alert" in settings else None,
@@ -298,7 +300,7 @@ def reads_latency_history(feature_columns: Sequence[str]) -> bool:
     """Whether the latency's own history is an input.
 
     Such a forecaster is anchored (with ``--anchor auto``) and explained through a cause model
-    (:func:`fit_cause_model`).
+    (:func:`fitting.fit_cause_model`).
     """
     return config.TARGET_COLUMN in feature_columns
 
@@ -310,48 +312,18 @@ def build_model(
     forecasts the change from the latency at t when it reads that latency's history. With
     ``ensemble_size`` above 1, that many such networks (an unresolved auto size builds one)."""
 
+    anchored = reads_latency_history(feature_columns) and model_config.anchor == "auto"
+    relative = list(feature_columns).index(config.TARGET_COLUMN) if anchored and model_config.latency_history == "relative" else None
+
     def network() -> LatencyForecaster:
         return LatencyForecaster(
             len(feature_columns), n_services, model_config, normalizer.location, normalizer.scale, normalizer.pooled,
-            anchored=reads_latency_history(feature_columns) and model_config.anchor == "auto",
+            anchored=anchored, relative_column=relative,
         )
 
     if model_config.ensemble_size <= 1:
         return network()
     return Ensemble([network() for _ in range(model_config.ensemble_size)])
-
-
-def auto_ensemble_size(training_windows: int, samples_per_epoch: int) -> int:
-    """``--ensemble-size 0``: as many networks as the training windows fill an epoch of
-    ``samples_per_epoch`` (each network sees every window once an epoch), from MIN_AUTO_ENSEMBLE
-    to MAX_AUTO_ENSEMBLE.
-
-    Three networks of 32 units (the default) take 1.45x the step of one of 64 on a CPU, and their
-    mean beat that one network's MAE in 7 of 8 splits of the synthetic development stores
-    (docs/results.md); stores too small to fill an epoch, where one network's seed decides its
-    test MAE more than any setting does, get up to five for the same compute an epoch.
-    """
-    if not samples_per_epoch:
-        return config.MIN_AUTO_ENSEMBLE
-    return max(config.MIN_AUTO_ENSEMBLE, min(config.MAX_AUTO_ENSEMBLE, samples_per_epoch // max(training_windows, 1)))
-
-
-def auto_batch_size(training_windows: int, samples_per_epoch: int, world_size: int = 1) -> int:
-    """``--batch-size 0``: the smallest of AUTO_BATCH_SIZES whose epoch (of each rank's share of
-    ``samples_per_epoch``, or of every training window) takes at most MAX_AUTO_BATCH_STEPS steps.
-
-    Batches of 64 beat 256 on every development store (TrainTicket's validation MAE over four
-    seeds, both synthetic stores' episodes and MAE skill; docs/results.md), but a step of 64
-    costs half one of 256 on a CPU, so a full epoch of 100,000 windows takes twice as long. Small
-    stores, where an epoch of 256 is a few dozen steps and training is cheap, get 64; a full
-    epoch takes 128 (782 steps, about 1.25x the time of 256, and ahead of gradient boosting's
-    episodes on both synthetic stores, which 256 was not).
-    """
-    epoch = -(-min(samples_per_epoch or training_windows, training_windows) // max(world_size, 1))
-    for size in config.AUTO_BATCH_SIZES:
-        if epoch <= size * config.MAX_AUTO_BATCH_STEPS:
-            return size
-    return config.AUTO_BATCH_SIZES[-1]
 
 
 def cause_columns(feature_columns: Sequence[str]) -> list[int]:
@@ -368,121 +340,3 @@ def build_cause_model(
     return LatencyForecaster(
         len(columns), n_services, settings, normalizer.location, normalizer.scale, normalizer.pooled, input_columns=columns
     )
-
-
-def untrained_forecaster(
-    table: SeriesTable,
-    fit_range: TimeRange,
-    data_config: DataConfig,
-    model_config: ModelConfig,
-    training_config: TrainingConfig,
-    latency_thresholds: LatencyThresholds | None = None,
-) -> Forecaster:
-    """Scalers fitted on ``fit_range`` rows only, and a freshly initialised (seeded) model."""
-    device = training.resolve_device(training_config.device)
-    training.configure_threads(training_config.num_threads)
-    fit_rows = data.rows_in(table, fit_range)
-    # under torchrun, of every rank's rows together (each rank holds its own services)
-    scaler, normalizer = distributed.fit_statistics(table, fit_rows, data_config, training_config.seed)
-    torch.manual_seed(training_config.seed)
-    model = build_model(table.feature_columns, len(table.services), model_config, normalizer).to(device)
-    return Forecaster(
-        model,
-        scaler,
-        normalizer,
-        list(table.services),
-        list(table.feature_columns),
-        data_config,
-        model_config,
-        training_config,
-        device,
-        latency_thresholds or LatencyThresholds(data_config.latency_threshold),
-        AlertRule.uncalibrated(model_config),
-    )
-
-
-def fit_forecaster(
-    table: SeriesTable,
-    fit_range: TimeRange,
-    stop_range: TimeRange,
-    data_config: DataConfig,
-    model_config: ModelConfig,
-    training_config: TrainingConfig,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    latency_thresholds: LatencyThresholds | None = None,
-    inplace: bool = False,
-    resume: training.ResumeFile | None = None,
-) -> tuple[Forecaster, PreparedSeries, list[dict]]:
-    """Fit scalers on ``fit_range`` rows only, then train with early stopping on ``stop_range``.
-
-    The returned forecaster alerts with the uncalibrated rule (see ``evaluation.calibrated_evaluation``).
-    Returns the forecaster, the table prepared for it, and the per-epoch history.
-    ``inplace`` (for callers that own ``table``) scales its features in their own memory
-    instead of a second copy of the feature matrix. ``resume`` saves the fit's state after every
-    epoch and continues from a state saved there by an interrupted run.
-    """
-    forecaster = untrained_forecaster(table, fit_range, data_config, model_config, training_config, latency_thresholds)
-    prepared = forecaster.prepare(table, inplace=inplace)
-    if len(prepared.ends) == 0:
-        raise UserError(
-            f"too little data for one window: none of the {len(table):,} rows starts {data_config.window_minutes} "
-            "consecutive minutes (sequence length + horizon) of one service with finite features and latency; "
-            "use a shorter --sequence-length/--horizon or a longer store"
-        )
-    train_ends = prepared.samples(fit_range, "training")
-    stop_ends = prepared.samples(stop_range, "early-stopping (validation)")
-    windows = int(distributed.all_reduce(np.array([len(train_ends)]))[0])  # under torchrun, every rank's
-    if training_config.batch_size == 0:  # auto: resolved here, recorded in the checkpoint's config
-        batch_size = auto_batch_size(windows, training_config.samples_per_epoch, distributed.rank_and_world_size()[1])
-        training_config = forecaster.training_config = dataclasses.replace(training_config, batch_size=batch_size)
-        log(f"batches of {batch_size} windows ({windows:,} training windows, at most {config.MAX_AUTO_BATCH_STEPS} steps an epoch)")
-    if model_config.ensemble_size == 0:  # auto: resolved here, recorded in the checkpoint's config
-        model_config = dataclasses.replace(model_config, ensemble_size=auto_ensemble_size(windows, training_config.samples_per_epoch))
-        forecaster.model_config = model_config
-        if model_config.ensemble_size > 1:
-            torch.manual_seed(training_config.seed)  # its first network starts where a single one would
-            forecaster.model = build_model(forecaster.feature_columns, len(forecaster.services), model_config, forecaster.target_normalizer)
-            forecaster.model.to(forecaster.device)
-            log(f"{windows:,} training windows fill {model_config.ensemble_size} networks' epochs: training an ensemble of {model_config.ensemble_size}")
-    history = training.fit(forecaster.model, prepared.tensors, train_ends, stop_ends, training_config, progress, log, resume)
-    return forecaster, prepared, history
-
-
-def fit_cause_model(
-    forecaster: Forecaster,
-    prepared: PreparedSeries,
-    train_ends: np.ndarray,
-    stop_ends: np.ndarray,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    resume: training.ResumeFile | None = None,
-) -> list[dict]:
-    """Train ``forecaster.cause_model`` on the forecaster's samples; returns its per-epoch history.
-
-    A forecaster that reads the latency's own history leans on it: Shapley values of its
-    forecast credit the latency itself, and the telemetry that moved it gets little (on the demo
-    store's chaos runs the top feature matched the injected root cause for about half the faults,
-    against 0.96-1.00 for a model of the level from telemetry alone). So such a forecaster is
-    explained through a cause model: the same network, forecasting the level, from the telemetry
-    only, with the same samples, scalers, target and loop (patience at least
-    ``CAUSE_MODEL_MIN_PATIENCE``, batches of at least ``CAUSE_MODEL_MIN_BATCH_SIZE``). Its
-    forecasts are never used for alerts or metrics.
-    """
-    if not cause_columns(forecaster.feature_columns):
-        raise UserError(
-            f"no telemetry features besides {config.TARGET_COLUMN} to explain the forecasts with; "
-            "add telemetry columns to --feature-columns"
-        )
-    training_config = forecaster.training_config
-    torch.manual_seed(training_config.seed)
-    model = build_cause_model(forecaster.feature_columns, len(forecaster.services), forecaster.model_config, forecaster.target_normalizer)
-    model.to(forecaster.device)
-    settings = dataclasses.replace(
-        training_config,
-        patience=max(training_config.patience, CAUSE_MODEL_MIN_PATIENCE),
-        batch_size=max(training_config.batch_size, CAUSE_MODEL_MIN_BATCH_SIZE),
-    )
-    history = training.fit(model, prepared.tensors, train_ends, stop_ends, settings, progress, log, resume)
-    forecaster.cause_model = model
-    return history

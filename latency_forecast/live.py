@@ -13,7 +13,7 @@ from latency_forecast import data, explain
 from latency_forecast.causality import rank_features
 from latency_forecast.config import ExplainConfig
 from latency_forecast.data import SeriesTable, format_minute
-from latency_forecast.forecaster import Forecaster
+from latency_forecast.forecaster import Forecaster, PreparedSeries
 
 STATUSES = ("ok", "stale", "gap", "unknown_service", "missing")
 TOP_CAUSES = 3
@@ -62,10 +62,44 @@ def forecast_report(
     whose latency or telemetry has not arrived yet are skipped. ``stale`` when the service's
     newest minute is older than that, ``gap`` when no window in those minutes can be forecast.
     """
-    horizon, length = forecaster.data_config.horizon, forecaster.data_config.sequence_length
+    length = forecaster.data_config.sequence_length
     prepared = forecaster.prepare(table, inplace=True)
     latest = data.latest_windows(table, length, at - max_staleness_minutes, latency_at_end=forecaster.model.anchored)
     code_of = {name: code for code, name in enumerate(table.services)}
+    entries = _status_entries(forecaster, prepared, latest, code_of, at, max_staleness_minutes, newest_elsewhere)
+    ok = [service for service in forecaster.services if entries[service]["status"] == "ok"]
+    ends = np.array([latest.row[code_of[service]] for service in ok], dtype=np.int64)
+    method = None
+    if len(ends):
+        alert = _add_forecasts(forecaster, prepared, ok, ends, entries)
+        if alert.any():
+            method = _add_causes(forecaster, prepared, ok, ends, alert, entries, explain_config)
+    forecasts = [entries[service] for service in sorted(entries)]
+    counts = {status: sum(entry["status"] == status for entry in forecasts) for status in STATUSES}
+    return {
+        "as_of": format_minute(at),
+        "horizon": forecaster.data_config.horizon,
+        "sequence_length": length,
+        "max_staleness_minutes": max_staleness_minutes,
+        "alert_rule": forecaster.alert.as_dict(),
+        "explanation_method": method,
+        "summary": {**counts, "alerts": sum(entry["alert"] for entry in forecasts)},
+        "forecasts": forecasts,
+    }
+
+
+def _status_entries(
+    forecaster: Forecaster,
+    prepared: PreparedSeries,
+    latest: data.LatestWindows,
+    code_of: dict[str, int],
+    at: int,
+    max_staleness_minutes: int,
+    newest_elsewhere: dict[str, int],
+) -> dict[str, dict[str, Any]]:
+    """Each checkpoint service's entry with its status and ``as_of`` (an ``ok`` one also with its
+    current latency), and each store service unknown to the checkpoint's; no forecast yet."""
+    table, horizon = prepared.table, forecaster.data_config.horizon
     entries: dict[str, dict[str, Any]] = {}
     for service in forecaster.services:
         if service not in code_of:
@@ -83,45 +117,49 @@ def forecast_report(
             entries[service]["current_latency_ms"] = _finite(table.target[row])
     for service in prepared.unknown_services:
         entries[service] = _entry(service, "unknown_service", int(table.minutes[latest.newest[code_of[service]]]), horizon)
+    return entries
 
-    ok = [service for service in forecaster.services if entries[service]["status"] == "ok"]
-    ends = np.array([latest.row[code_of[service]] for service in ok], dtype=np.int64)
-    method = None
-    if len(ends):
-        forecast = forecaster.predict(prepared, ends)
-        latency_threshold = prepared.latency_threshold(ends)
-        score = forecaster.alert.scores(forecast, latency_threshold)
-        threshold = forecaster.alert.thresholds_for(ok)
-        alert = score >= threshold
-        for i, service in enumerate(ok):
-            entries[service].update(
-                forecast_ms=float(forecast.ms[i]),
-                quantiles={name: float(values[i]) for name, values in forecast.quantiles.items()},
-                latency_threshold_ms=float(latency_threshold[i]),
-                score=float(score[i]),
-                threshold=float(threshold[i]),
-                alert=bool(alert[i]),
-            )
-        if alert.any():
-            background = forecaster.require_background("the checkpoint")
-            attributions = explain.explain(
-                forecaster, prepared.tensors, ends[alert], background, explain_config, forecaster.training_config.seed
-            )
-            method = attributions.method
-            for values, i in zip(attributions.values, np.flatnonzero(alert)):
-                scores = dict(zip(forecaster.feature_columns, values.tolist()))
-                entries[ok[i]]["causes"] = [
-                    {"feature": name, "score": scores[name]} for name in rank_features(values, forecaster.feature_columns)[:TOP_CAUSES]
-                ]
-    forecasts = [entries[service] for service in sorted(entries)]
-    counts = {status: sum(entry["status"] == status for entry in forecasts) for status in STATUSES}
-    return {
-        "as_of": format_minute(at),
-        "horizon": horizon,
-        "sequence_length": length,
-        "max_staleness_minutes": max_staleness_minutes,
-        "alert_rule": forecaster.alert.as_dict(),
-        "explanation_method": method,
-        "summary": {**counts, "alerts": sum(entry["alert"] for entry in forecasts)},
-        "forecasts": forecasts,
-    }
+
+def _add_forecasts(
+    forecaster: Forecaster, prepared: PreparedSeries, ok: list[str], ends: np.ndarray, entries: dict[str, dict[str, Any]]
+) -> np.ndarray:
+    """Fill the ``ok`` services' entries with the forecast of the windows ending at ``ends`` and the
+    checkpoint's alert decision; returns (len(ok),) bool, which of them alert."""
+    forecast = forecaster.predict(prepared, ends)
+    latency_threshold = prepared.latency_threshold(ends)
+    score = forecaster.alert.scores(forecast, latency_threshold)
+    threshold = forecaster.alert.thresholds_for(ok)
+    alert = score >= threshold
+    for i, service in enumerate(ok):
+        entries[service].update(
+            forecast_ms=float(forecast.ms[i]),
+            quantiles={name: float(values[i]) for name, values in forecast.quantiles.items()},
+            latency_threshold_ms=float(latency_threshold[i]),
+            score=float(score[i]),
+            threshold=float(threshold[i]),
+            alert=bool(alert[i]),
+        )
+    return alert
+
+
+def _add_causes(
+    forecaster: Forecaster,
+    prepared: PreparedSeries,
+    ok: list[str],
+    ends: np.ndarray,
+    alert: np.ndarray,
+    entries: dict[str, dict[str, Any]],
+    explain_config: ExplainConfig,
+) -> str:
+    """Fill each alerting service's entry with its top causes (Shapley values of its window);
+    returns the explanation method."""
+    background = forecaster.require_background("the checkpoint")
+    attributions = explain.explain(
+        forecaster, prepared.tensors, ends[alert], background, explain_config, forecaster.training_config.seed
+    )
+    for values, i in zip(attributions.values, np.flatnonzero(alert)):
+        scores = dict(zip(forecaster.feature_columns, values.tolist()))
+        entries[ok[i]]["causes"] = [
+            {"feature": name, "score": scores[name]} for name in rank_features(values, forecaster.feature_columns)[:TOP_CAUSES]
+        ]
+    return attributions.method

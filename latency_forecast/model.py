@@ -53,9 +53,11 @@ class LatencyForecaster(nn.Module):
         pooled: tuple[float, float] = (0.0, 1.0),
         input_columns: Sequence[int] | None = None,
         anchored: bool = False,
+        relative_column: int | None = None,
     ):
         """``input_columns``: the model reads only these columns of the windows it is given
-        (``n_features`` of them); None reads all ``n_features``."""
+        (``n_features`` of them); None reads all ``n_features``. ``relative_column``: the column
+        the network reads relative to its value at t (an anchored model's latency history)."""
         super().__init__()
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[config.cell]
         self.rnn = recurrent(
@@ -77,6 +79,9 @@ class LatencyForecaster(nn.Module):
         self.n_quantiles = len(config.quantile_levels)
         self.register_buffer("quantile_levels", torch.tensor(config.quantile_levels, dtype=torch.float32))
         self.anchored = anchored
+        if relative_column is not None and not anchored:
+            raise ValueError("only an anchored model reads its latency relative to t: the anchor carries the level")
+        self.relative_column = relative_column
         with torch.no_grad():  # the absolute part starts small: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
         # target statistics (from training rows), so the head can mix the two parts
@@ -115,6 +120,13 @@ class LatencyForecaster(nn.Module):
             raise ValueError("this model forecasts the change from the latency at t: pass current")
         if self.input_columns is not None:
             windows = windows.index_select(-1, self.input_columns)
+        if self.relative_column is not None:
+            # the shape of the latency's recent history, not its level: a service whose level moved
+            # after training is forecast from where it is now (the anchor), not pulled back to
+            # where it was (scaled log latency, so this is the log ratio to the latency at t)
+            level = torch.zeros_like(windows[:, -1:])
+            level[..., self.relative_column] = windows[:, -1, self.relative_column, None]
+            windows = windows - level
         output, _ = self.rnn(windows)
         last = output[:, -1]
         if self.embedding is not None:

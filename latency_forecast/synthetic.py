@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from latency_forecast import config
-from latency_forecast.config import MINUTES_PER_DAY, TARGET_COLUMN, SyntheticConfig
+from latency_forecast import flags
+from latency_forecast.config import MINUTES_PER_DAY, TARGET_COLUMN
 from latency_forecast.errors import cli_entrypoint
+from latency_forecast.script_config import SyntheticConfig
 
 START = pd.Timestamp(SyntheticConfig.start)
 FEATURE_COLUMNS = (
@@ -197,14 +198,31 @@ def _schedule_faults(
     return faults
 
 
+def _level_shifts(rng: np.random.Generator, fleet: Sequence[ServiceSpec], n: int, at: float) -> dict[str, np.ndarray]:
+    """Each service's service-time factor per minute: 1, then 0.5 or 2 from its deploy minute
+    (within a twentieth of the span after ``at``) on; all ones when ``at`` is 0."""
+    factors = {spec.name: np.ones(n) for spec in fleet}
+    if at > 0:
+        for spec in fleet:
+            deploy = min(n - 1, int(n * at + rng.integers(0, max(1, n // 20))))
+            factors[spec.name][deploy:] = rng.choice([0.5, 2.0])
+    return factors
+
+
 def generate(
     days: int = 35,
     n_services: int = 8,
     seed: int = 0,
     faults_per_day: float = 1.5,
     start: pd.Timestamp = START,
+    level_shift_at: float = 0.0,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Simulate the fleet minute by minute.
+
+    ``level_shift_at`` (a share of the span, 0 for none): from about that point on, a deploy
+    halves or doubles each service's own service time for good (each service its own minute and
+    direction), the level shift that real services see every week; callers feel it through
+    their calls.
 
     Returns
     -------
@@ -220,6 +238,7 @@ def generate(
     minutes = np.arange(n)
     season = _season(minutes, start)
     faults = _schedule_faults(rng, fleet, n, faults_per_day)
+    shifts = _level_shifts(np.random.default_rng([seed, 1]), fleet, n, level_shift_at)  # its own stream: stores without shifts stay as they were
 
     # Arrival rates flow from callers to callees (leaves are defined first, so walk in reverse).
     arrival = {spec.name: np.zeros(n) for spec in fleet}
@@ -280,7 +299,7 @@ def generate(
         gc_pressure = np.clip((memory - 0.75) / 0.25, 0.0, None) ** 3
         cpu_now = np.clip(cpu_now + 0.08 * gc_pressure + rng.normal(0.0, 0.015, n), 0.0, 1.0)
 
-        own = spec.service_time_ms / (1.0 - np.minimum(utilisation, 0.99))
+        own = spec.service_time_ms * shifts[spec.name] / (1.0 - np.minimum(utilisation, 0.99))
         dependency = np.zeros(n)
         for callee, calls in spec.dependencies:
             dependency += CALL_OVERLAP * calls * latency[callee]
@@ -366,11 +385,11 @@ def _iso(timestamp: pd.Timestamp) -> str:
     return timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build_parser() -> config.ArgumentParser:
-    return config.build_parser(
+def build_parser() -> flags.ArgumentParser:
+    return flags.build_parser(
         prog="python -m latency_forecast.synthetic",
         description="Write the demo feature store (hive-partitioned by date) and its chaos_manifest.json.",
-        parents=[config.parent_parser(SyntheticConfig)],
+        parents=[flags.parent_parser(SyntheticConfig)],
     )
 
 
@@ -378,9 +397,11 @@ def build_parser() -> config.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from latency_forecast import artifacts, store
 
-    settings = config.from_args(build_parser().parse_args(argv), SyntheticConfig)
+    settings = flags.from_args(build_parser().parse_args(argv), SyntheticConfig)
     start = store.parse_timestamp(settings.start, "--start")
-    frame, manifest = generate(settings.days, settings.services, settings.seed, settings.faults_per_day, start.floor("min"))
+    frame, manifest = generate(
+        settings.days, settings.services, settings.seed, settings.faults_per_day, start.floor("min"), settings.level_shift_at
+    )
     store.write_feature_store(frame, settings.output)
     artifacts.write_json(manifest, f"{settings.output}/chaos_manifest.json")
     print(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -247,6 +247,113 @@ def _restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+@dataclass
+class _EarlyStopping:
+    """What early stopping carries from epoch to epoch (and ``--resume`` saves): the best
+    validation loss and its weights, the epochs since it, the history."""
+
+    best_loss: float
+    best_state: dict
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, model: nn.Module, epoch: int, train_loss: float, validation_loss: float, seconds: float) -> bool:
+        """Add an epoch to the history, keeping the weights if its validation loss is the best yet
+        (returned: whether it is)."""
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
+        improved = validation_loss < self.best_loss
+        if improved:
+            self.best_loss, self.best_state, self.stale = validation_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            self.stale += 1
+        return improved
+
+
+def _start(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    resume: ResumeFile | None,
+    epochs: int,
+    log: Callable[[str], None] | None,
+) -> tuple[_EarlyStopping, int, int]:
+    """Early stopping's state and the first and last epoch to run: from scratch, or continued from
+    the state ``resume`` holds (weights, optimiser, scheduler and RNG restored). ``log``: where to
+    say so, or None."""
+    stopping = _EarlyStopping(float("inf"), copy.deepcopy(model.state_dict()))
+    saved = resume.load() if resume is not None else None
+    if saved is None:
+        return stopping, 1, epochs
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _restore_rng_states(saved["rng"])
+    stopping = _EarlyStopping(saved["best_loss"], saved["best_state"], saved["stale"], saved["history"])
+    if log is not None:
+        log(f"resuming after epoch {saved['epoch']} (best validation loss {stopping.best_loss:.4f})")
+    # stopped early or ran every epoch: nothing left to train
+    return stopping, saved["epoch"] + 1, saved["epoch"] if saved["finished"] else epochs
+
+
+def _resumable_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    epoch: int,
+    finished: bool,
+    stopping: _EarlyStopping,
+) -> dict:
+    """Everything :func:`_start` needs to continue after ``epoch`` (``finished``: nothing is left)."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": _rng_states(), "epoch": epoch, "finished": finished,
+        "best_loss": stopping.best_loss, "best_state": stopping.best_state, "stale": stopping.stale, "history": stopping.history,
+    }
+
+
+def _rank_order(n: int, total: int, epoch: int, config: TrainingConfig, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's positions into its ``n`` training samples for ``epoch``: one seeded permutation
+    shared by all, or under torchrun (each rank holding its own services' samples,
+    distributed.load_shard) :func:`shard_order`."""
+    if world_size == 1:
+        return epoch_order(n, epoch, config.seed, config.samples_per_epoch)
+    return shard_order(n, total, epoch, config.seed, config.samples_per_epoch, rank, world_size)
+
+
+def _train_epoch(
+    trainable: nn.Module,
+    model: nn.Module,
+    series: SeriesTensors,
+    train_tensor: torch.Tensor,
+    order: torch.Tensor,
+    loss: Callable,
+    optimizer: torch.optim.Optimizer,
+    config: TrainingConfig,
+    description: str,
+    show: bool,
+) -> tuple[float, int]:
+    """One pass over the training samples at positions ``order`` (``trainable`` is ``model``, or
+    its DistributedDataParallel wrapper); returns this rank's mean batch loss and its batches."""
+    trainable.train()
+    # an ensemble's networks train as if alone: their own gradients, clipped each (Adam is per weight)
+    networks = list(model.members) if isinstance(model, Ensemble) else [model]
+    batches = range(0, len(order), config.batch_size)
+    bar = tqdm(batches, desc=description, leave=False, disable=None if show else True, unit="batch")
+    running = torch.zeros((), device=series.inputs.device)
+    for step, i in enumerate(bar, start=1):
+        batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.quantile_levels)
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss.backward()
+        if config.gradient_clip:  # each network's own norm: its loss is 1/len(networks) of the batch loss
+            for network in networks:
+                nn.utils.clip_grad_norm_(network.parameters(), config.gradient_clip / len(networks))
+        optimizer.step()
+        running += batch_loss.detach()
+        if show and step % 50 == 0:  # reading the loss syncs the device: not every step
+            bar.set_postfix(loss=f"{float(running) / step:.4f}")
+    return float(running) / max(len(batches), 1), len(batches)
+
+
 def fit(
     model: nn.Module,
     series: SeriesTensors,
@@ -275,64 +382,26 @@ def fit(
     # halve the step when validation stalls: the loss is spiky, and a smaller step settles it
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.lr_patience)
     loss = _loss_function(config)
-    # an ensemble's networks train as if alone: their own gradients, clipped each (Adam is per weight)
-    networks = list(model.members) if isinstance(model, Ensemble) else [model]
     if config.batch_size < 1:
-        raise ValueError("batch_size 0 (auto) is resolved by forecaster.fit_forecaster (auto_batch_size) before training")
+        raise ValueError("batch_size 0 (auto) is resolved by fitting.fit_networks (auto_batch_size) before training")
     train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
     validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
     total_train = int(distributed.all_reduce(np.array([len(train_ends)]))[0]) if world_size > 1 else len(train_ends)
 
-    best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
-    history: list[dict] = []
     show = progress and rank == 0
-    first_epoch, last_epoch = 1, config.epochs
-    saved = resume.load() if resume is not None else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _restore_rng_states(saved["rng"])
-        best_loss, best_state, stale, history = saved["best_loss"], saved["best_state"], saved["stale"], saved["history"]
-        first_epoch = saved["epoch"] + 1
-        if saved["finished"]:  # stopped early or ran every epoch: nothing left to train
-            last_epoch = saved["epoch"]
-        if show:
-            log(f"resuming after epoch {saved['epoch']} (best validation loss {best_loss:.4f})")
+    stopping, first_epoch, last_epoch = _start(model, optimizer, scheduler, resume, config.epochs, log if show else None)
     for epoch in range(first_epoch, last_epoch + 1):
         started = time.perf_counter()
-        trainable.train()
-        if world_size == 1:
-            order = epoch_order(len(train_ends), epoch, config.seed, config.samples_per_epoch).to(device)
-        else:  # each rank holds its own services' samples (distributed.load_shard)
-            order = shard_order(len(train_ends), total_train, epoch, config.seed, config.samples_per_epoch, rank, world_size).to(device)
-        batches = range(0, len(order), config.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if show else True, unit="batch")
-        running = torch.zeros((), device=device)
-        for step, i in enumerate(bar, start=1):
-            batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.quantile_levels)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            if config.gradient_clip:  # each network's own norm: its loss is 1/len(networks) of the batch loss
-                for network in networks:
-                    nn.utils.clip_grad_norm_(network.parameters(), config.gradient_clip / len(networks))
-            optimizer.step()
-            running += batch_loss.detach()
-            if show and step % 50 == 0:  # reading the loss syncs the device: not every step
-                bar.set_postfix(loss=f"{float(running) / step:.4f}")
-        train_loss = float(running) / max(len(batches), 1)
+        order = _rank_order(len(train_ends), total_train, epoch, config, rank, world_size).to(device)
+        description = f"epoch {epoch}/{config.epochs}"
+        train_loss, n_batches = _train_epoch(trainable, model, series, train_tensor, order, loss, optimizer, config, description, show)
         validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels)
         # each rank measured its own samples: every rank gets the same means, so the same decisions
-        train_loss = distributed.weighted_mean(train_loss, len(batches))
+        train_loss = distributed.weighted_mean(train_loss, n_batches)
         validation_loss = distributed.weighted_mean(validation_loss, len(validation_ends))
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss, "seconds": seconds})
         scheduler.step(validation_loss)
-        improved = validation_loss < best_loss
-        if improved:
-            best_loss, best_state, stale = validation_loss, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
+        improved = stopping.record(model, epoch, train_loss, validation_loss, seconds)
         if show:
             log(
                 f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {validation_loss:.4f}  "
@@ -341,15 +410,12 @@ def fit(
         if not np.isfinite(train_loss):
             raise UserError("training diverged (loss is not finite); lower --learning-rate")
         if resume is not None and rank == 0:
-            resume.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_states(), "epoch": epoch, "finished": stale >= config.patience or epoch == config.epochs,
-                "best_loss": best_loss, "best_state": best_state, "stale": stale, "history": history,
-            })
-        if stale >= config.patience:
+            finished = stopping.stale >= config.patience or epoch == config.epochs
+            resume.save(_resumable_state(model, optimizer, scheduler, epoch, finished, stopping))
+        if stopping.stale >= config.patience:
             if show:
-                log(f"early stop: no better validation loss for {config.patience} epochs; keeping epoch {epoch - stale}")
+                log(f"early stop: no better validation loss for {config.patience} epochs; keeping epoch {epoch - stopping.stale}")
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(stopping.best_state)
     model.eval()
-    return history
+    return stopping.history

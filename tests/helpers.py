@@ -18,10 +18,16 @@ import pandas as pd
 import pytest
 import torch
 
-from latency_forecast import evaluation, forecaster, store
+from latency_forecast import evaluation, fitting, store
 from latency_forecast.alerting import LatencyThresholds
 from latency_forecast.config import DataConfig, ModelConfig, TrainingConfig
-from latency_forecast.data import SeriesTable, Splits, TimeRange, fraction_splits, to_minute
+from latency_forecast.data import (
+    SeriesTable,
+    Splits,
+    TimeRange,
+    fraction_splits,
+    to_minute,
+)
 from latency_forecast.forecaster import Forecaster, PreparedSeries
 
 # train.py / backtest.py flags small enough for a test: a couple of seconds per run on one core
@@ -96,19 +102,28 @@ def fit_tiny(
     fractions: tuple[float, float] = (0.2, 0.2),
     cause_model: bool = False,
 ) -> Fitted:
-    """``forecaster.fit_forecaster`` with tiny settings (and its cause model when asked)."""
+    """The training step's networks (``fitting.fit_networks``) with tiny settings, and the cause
+    model when asked: no baselines, uncalibrated alerts, fast."""
     splits = fraction_splits(table, *fractions, TINY_DATA.embargo)
-    trained, prepared, history = forecaster.fit_forecaster(
-        table, splits.train, splits.validation, TINY_DATA, model_config, training_config,
-        progress=False, log=quiet, latency_thresholds=latency_thresholds,
-    )
+    settings = fitting.Settings(TINY_DATA, model_config, training_config, latency_thresholds=latency_thresholds)
+    trained, prepared, history = fitting.fit_networks(table, splits.train, splits.validation, settings, progress=False, log=quiet)
     ends = {name: prepared.samples(getattr(splits, name), name) for name in ("train", "validation", "test")}
     if cause_model:
-        forecaster.fit_cause_model(trained, prepared, ends["train"], ends["validation"], progress=False, log=quiet)
+        model, _ = fitting.fit_cause_model(trained, prepared, ends["train"], ends["validation"], progress=False, log=quiet)
+        trained = dataclasses.replace(trained, cause_model=model)
     return Fitted(table, splits, trained, prepared, ends, history)
 
 
 # ----------------------------------------------------------------------------- train.py's artifacts
+
+
+def save_and_load(trained: Forecaster, directory) -> tuple[dict, dict]:
+    """``trained``'s checkpoint and scaler saved into ``directory`` and read back with ``weights_only=True``."""
+    torch.save(trained.checkpoint(), directory / "latency_forecaster.pt")
+    torch.save(trained.scaler.state(trained.feature_columns), directory / "scaler.pt")
+    checkpoint = torch.load(directory / "latency_forecaster.pt", map_location="cpu", weights_only=True)
+    scaler = torch.load(directory / "scaler.pt", map_location="cpu", weights_only=True)
+    return checkpoint, scaler
 
 
 def reload(directory: str, drop_cause_model: bool = False) -> Forecaster:

@@ -11,7 +11,8 @@ import torch
 
 import analyze_causality
 import train
-from latency_forecast import artifacts, causality, data, explain, store, synthetic
+from latency_forecast.background import Background, build_background
+from latency_forecast import artifacts, causality, data, store, synthetic
 from latency_forecast.alerting import AlertRule
 from latency_forecast.forecaster import Forecaster
 from tests.helpers import TINY_TRAINING, hand_frame, write_frame
@@ -84,14 +85,14 @@ def test_train_writes_feature_importance(trained):
 
 def test_checkpoint_background_is_the_training_split_summary(trained, tiny_store):
     checkpoint = artifacts.load_torch(f"{trained}/latency_forecaster.pt", "checkpoint", "--model-checkpoint")
-    saved = explain.Background.from_state(checkpoint["explain_background"])
+    saved = Background.from_state(checkpoint["explain_background"])
     forecaster = Forecaster.from_checkpoint(checkpoint, artifacts.load_torch(f"{trained}/scaler.pt", "scaler", "--scaler-path"), torch.device("cpu"))
     table = store.load_feature_store(tiny_store, forecaster.feature_columns)
     settings = forecaster.data_config
     splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
     prepared = forecaster.prepare(table)
     train_ends = data.samples_in(prepared.ends, table, splits.train, settings.sequence_length, settings.horizon)
-    rebuilt = explain.build_background(prepared.tensors, train_ends, len(forecaster.services), 4, checkpoint["config"]["training"]["seed"])
+    rebuilt = build_background(prepared.tensors, train_ends, len(forecaster.services), 4, checkpoint["config"]["training"]["seed"])
     np.testing.assert_array_equal(saved.windows, rebuilt.windows)
     np.testing.assert_array_equal(saved.weights, rebuilt.weights)
 

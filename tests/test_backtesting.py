@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from latency_forecast import backtesting, data, store
+from latency_forecast import backtesting, data, fitting, store
 from latency_forecast.alerting import LatencyThresholds
-from latency_forecast.config import AlertConfig, BacktestConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
+from latency_forecast.config import AlertConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
 from latency_forecast.data import TimeRange
 from latency_forecast.errors import UserError
+from latency_forecast.script_config import BacktestConfig
 
 DAY = 1440
 START = data.to_minute(pd.Timestamp("2024-05-01T00:00:00Z"))
@@ -178,15 +179,18 @@ def test_threads_share_the_cores():
 
 # ----------------------------------------------------------------------------- leakage
 
-TINY = dict(
-    data_config=DataConfig(sequence_length=6, horizon=2),
-    model_config=ModelConfig(hidden_size=8),
-    training_config=TrainingConfig(epochs=2, samples_per_epoch=2000, batch_size=256, num_threads=1),
+TINY = fitting.Settings(
+    DataConfig(sequence_length=6, horizon=2),
+    ModelConfig(hidden_size=8),
+    TrainingConfig(epochs=2, samples_per_epoch=2000, batch_size=256, num_threads=1),
+    AlertConfig(target_fpr=0.05),
+    BaselineConfig(gradient_boosting_max_samples=200),
+    latency_thresholds=LatencyThresholds(300.0),
 )
 
 
 def _fold(table):
-    folds = backtesting.plan_folds(data.span(table), BacktestConfig(1.5, 0.5), TINY["data_config"])
+    folds = backtesting.plan_folds(data.span(table), BacktestConfig(1.5, 0.5), TINY.data)
     return folds[0]
 
 
@@ -199,10 +203,7 @@ def _corrupt(table, from_minute, how):
 
 
 def _fitted_state(table, fold):
-    task = backtesting.FoldTask(
-        fold, table, **TINY, alert_config=AlertConfig(target_fpr=0.05), latency_thresholds=LatencyThresholds(300.0),
-        baseline_config=BaselineConfig(gradient_boosting_max_samples=200),
-    )
+    task = backtesting.FoldTask(fold, table, TINY)
     trained = backtesting.train_fold(task)
     forecaster, history, samples = trained.forecaster, trained.history, trained.samples
     return {

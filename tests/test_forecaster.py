@@ -1,5 +1,5 @@
 """forecaster.py: the trained bundle's one checkpoint format (round trip under weights_only=True,
-exact predictions, version and key checks), preparing a table for it, and building and fitting it."""
+exact predictions, version and key checks), preparing a table for it, and building its networks."""
 
 import dataclasses
 
@@ -7,29 +7,33 @@ import numpy as np
 import pytest
 import torch
 
-from latency_forecast import config, data, explain, forecaster, store, training
+from latency_forecast import data, fitting, forecaster, scaling, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
-from latency_forecast.config import DataConfig, ModelConfig, StoreConfig, TimeRangeConfig
+from latency_forecast.background import build_background
+from latency_forecast.config import (
+    DataConfig,
+    ModelConfig,
+    StoreConfig,
+    TimeRangeConfig,
+)
 from latency_forecast.data import TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.forecaster import Forecaster
-from latency_forecast.model import Ensemble, LatencyForecaster
-from tests.helpers import TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG, fit_tiny, hand_frame, quiet, table_of
+from tests.helpers import (
+    TINY_DATA,
+    TINY_MODEL,
+    TINY_TRAINING_CONFIG,
+    hand_frame,
+    save_and_load,
+    table_of,
+)
 
 
 def _with_background(fit):
     """The tiny forecaster, calibrated and carrying an explanation background, as train.py saves it."""
-    background = explain.build_background(fit.prepared.tensors, fit.ends["train"], len(fit.forecaster.services), 3, seed=0, pool=100)
+    background = build_background(fit.prepared.tensors, fit.ends["train"], len(fit.forecaster.services), 3, seed=0, pool=100)
     rule = AlertRule("forecast_ratio", 0.8, {"cache": 0.7}, 0.02)
     return dataclasses.replace(fit.forecaster, background=background, alert=rule, store_config=StoreConfig("somewhere"))
-
-
-def _save_and_load(trained, tmp_path):
-    torch.save(trained.checkpoint(), tmp_path / "latency_forecaster.pt")
-    torch.save(trained.scaler.state(trained.feature_columns), tmp_path / "scaler.pt")
-    checkpoint = torch.load(tmp_path / "latency_forecaster.pt", map_location="cpu", weights_only=True)
-    scaler = torch.load(tmp_path / "scaler.pt", map_location="cpu", weights_only=True)
-    return checkpoint, scaler
 
 
 def _plain(value) -> bool:
@@ -43,7 +47,7 @@ def _plain(value) -> bool:
 
 def test_checkpoint_round_trip_under_weights_only_reproduces_predictions_exactly(tiny_fit, tmp_path):
     original = _with_background(tiny_fit)
-    checkpoint, scaler = _save_and_load(original, tmp_path)
+    checkpoint, scaler = save_and_load(original, tmp_path)
     assert set(forecaster.CHECKPOINT_KEYS) <= set(checkpoint) and checkpoint["format_version"] == forecaster.FORMAT_VERSION
     assert _plain(checkpoint) and _plain(scaler)
     restored = Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
@@ -149,7 +153,7 @@ def test_samples_of_an_empty_split_is_a_user_error_naming_it(tiny_fit):
 def test_prepare_leaves_unknown_services_out_and_checks_the_features(tmp_path, tiny_fit):
     table = table_of(hand_frame(services=("a", "b"), minutes=200), tmp_path)
     fit_range, stop_range = TimeRange(table.minutes.min(), table.minutes.min() + 120), TimeRange(table.minutes.min() + 130, table.minutes.max() + 1)
-    trained = forecaster.untrained_forecaster(table, fit_range, TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG, LatencyThresholds(100.0, {"b": 80.0}))
+    trained = fitting.untrained_forecaster(table, fit_range, fitting.Settings(TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG, latency_thresholds=LatencyThresholds(100.0, {"b": 80.0})))
     wider = table_of(hand_frame(services=("a", "b", "new"), minutes=50), tmp_path, "wider.parquet")
     prepared = trained.prepare(wider)
     assert prepared.unknown_services == ["new"]
@@ -162,30 +166,6 @@ def test_prepare_leaves_unknown_services_out_and_checks_the_features(tmp_path, t
     assert stop_range.start > fit_range.end
 
 
-def test_untrained_forecaster_fits_its_scalers_on_the_fit_range_only_and_is_seeded(tmp_path):
-    table = table_of(hand_frame(services=("a", "b"), minutes=200), tmp_path)
-    fit_range = TimeRange(int(table.minutes.min()), int(table.minutes.min()) + 100)
-    first = forecaster.untrained_forecaster(table, fit_range, TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG)
-    poisoned = dataclasses.replace(table, features=table.features.copy(), target=table.target.copy())
-    outside = ~data.rows_in(table, fit_range)
-    poisoned.features[outside], poisoned.target[outside] = 1e6, 1e6
-    second = forecaster.untrained_forecaster(poisoned, fit_range, TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG)
-    np.testing.assert_array_equal(first.scaler.scaler.mean_, second.scaler.scaler.mean_)
-    np.testing.assert_array_equal(first.target_normalizer.location, second.target_normalizer.location)
-    # the minutes 0..99 of the feature: signed log1p, then their mean
-    assert first.scaler.scaler.mean_[0] == pytest.approx(np.mean(np.log1p(np.arange(100.0))))
-    for name, tensor in first.model.state_dict().items():
-        assert torch.equal(tensor, second.model.state_dict()[name]), f"{name}: the same seed, the same initial weights"
-    assert first.alert == AlertRule() and first.latency_thresholds == LatencyThresholds(TINY_DATA.latency_threshold)
-
-
-def test_too_little_data_for_one_window_is_a_user_error(tmp_path):
-    table = table_of(hand_frame(services=("a",), minutes=6), tmp_path)
-    whole = data.span(table)
-    with pytest.raises(UserError, match="too little data for one window: none of the 6 rows starts 8 consecutive minutes"):
-        forecaster.fit_forecaster(table, whole, whole, TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG, progress=False, log=quiet)
-
-
 # ----------------------------------------------------------------------------- building
 
 
@@ -193,22 +173,13 @@ def test_the_latency_history_decides_anchoring_and_the_cause_model():
     columns = ["cpu", "target_latency_p99", "queue"]
     assert forecaster.reads_latency_history(columns) and not forecaster.reads_latency_history(["cpu", "queue"])
     assert forecaster.cause_columns(columns) == [0, 2]
-    normalizer = data.TargetNormalizer(np.zeros(2), np.ones(2))
+    normalizer = scaling.TargetNormalizer(np.zeros(2), np.ones(2))
     assert forecaster.build_model(columns, 2, ModelConfig(hidden_size=4), normalizer).anchored
     assert not forecaster.build_model(columns, 2, ModelConfig(hidden_size=4, anchor="none"), normalizer).anchored
     assert not forecaster.build_model(["cpu"], 2, ModelConfig(hidden_size=4), normalizer).anchored
     cause = forecaster.build_cause_model(columns, 2, ModelConfig(hidden_size=4, multitask=True), normalizer)
     assert cause.input_columns.tolist() == [0, 2] and not cause.anchored and not cause.multitask
     assert cause.rnn.input_size == 2
-
-
-def test_a_cause_model_needs_telemetry_features(tmp_path):
-    table = table_of(hand_frame(services=("a",), minutes=100), tmp_path, feature_columns=["target_latency_p99"])
-    fit_range = TimeRange(int(table.minutes.min()), int(table.minutes.max()) + 1)
-    trained = forecaster.untrained_forecaster(table, fit_range, TINY_DATA, TINY_MODEL, TINY_TRAINING_CONFIG)
-    prepared = trained.prepare(table)
-    with pytest.raises(UserError, match="no telemetry features besides target_latency_p99"):
-        forecaster.fit_cause_model(trained, prepared, prepared.ends, prepared.ends, progress=False, log=quiet)
 
 
 def test_settings_are_the_checkpoints_config(tiny_fit):
@@ -219,51 +190,3 @@ def test_settings_are_the_checkpoints_config(tiny_fit):
     with_store = dataclasses.replace(trained, store_config=StoreConfig("s"), time_range_config=TimeRangeConfig("2024-05-01"))
     assert list(with_store.settings)[0] == "store"
     assert with_store.settings["store"] == {"feature_store_path": "s", "start_ts": "2024-05-01", "end_ts": None}
-
-
-def test_auto_ensemble_size_fills_an_epoch_and_is_bounded():
-    assert forecaster.auto_ensemble_size(3_000, 100_000) == 5  # a two-day store: the cap
-    assert forecaster.auto_ensemble_size(25_000, 100_000) == 4
-    assert forecaster.auto_ensemble_size(60_000, 100_000) == 3, "never fewer than three"
-    assert forecaster.auto_ensemble_size(2_000_000, 100_000) == 3
-    assert forecaster.auto_ensemble_size(10, 0) == 3, "--samples-per-epoch 0 (all windows): the fewest"
-
-
-def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_kept(tiny_store, tmp_path):
-    tiny_table = store.load_feature_store(tiny_store, store.load_feature_store(tiny_store).feature_columns)
-    many = dataclasses.replace(TINY_TRAINING_CONFIG, samples_per_epoch=10**7)
-    fit = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=0), many)
-    model = fit.forecaster.model
-    assert isinstance(model, Ensemble) and len(model.members) == config.MAX_AUTO_ENSEMBLE
-    assert fit.forecaster.model_config.ensemble_size == config.MAX_AUTO_ENSEMBLE, "the resolved size is what the checkpoint records"
-    weights = [member.rnn.weight_ih_l0 for member in model.members]
-    assert not torch.equal(weights[0], weights[1]), "the networks start from different weights"
-    single = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=1), many)
-    assert isinstance(single.forecaster.model, LatencyForecaster)
-
-    checkpoint, scaler = _save_and_load(fit.forecaster, tmp_path)
-    restored = Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
-    assert isinstance(restored.model, Ensemble) and len(restored.model.members) == config.MAX_AUTO_ENSEMBLE
-    ends = fit.ends["test"]
-    mine, theirs = restored.predict(restored.prepare(tiny_table), ends), fit.forecaster.predict(fit.prepared, ends)
-    np.testing.assert_array_equal(mine.ms, theirs.ms)
-    for name in theirs.quantiles:
-        np.testing.assert_array_equal(mine.quantiles[name], theirs.quantiles[name])
-    # the ensemble's forecast is its networks' mean in the standardised log space
-    each = torch.stack([member(*fit.prepared.tensors.windows(torch.as_tensor(ends)), fit.prepared.tensors.current(torch.as_tensor(ends))) for member in model.members])
-    np.testing.assert_allclose(training.predict(model, fit.prepared.tensors, ends).forecast, each.mean(0).detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-def test_auto_batch_size_takes_small_batches_unless_an_epoch_grows_past_its_step_budget():
-    assert forecaster.auto_batch_size(6_000, 100_000) == 64, "a two-day store: its whole epoch in 94 steps"
-    assert forecaster.auto_batch_size(51_200, 100_000) == 64  # 800 steps exactly
-    assert forecaster.auto_batch_size(60_000, 100_000) == 128
-    assert forecaster.auto_batch_size(2_000_000, 100_000) == 128, "a full epoch of 100,000: 782 steps of 128"
-    assert forecaster.auto_batch_size(2_000_000, 0) == 256, "--samples-per-epoch 0 on a huge store: the largest"
-    assert forecaster.auto_batch_size(120_000, 100_000, world_size=2) == 64, "each rank's share of the epoch"
-
-
-def test_an_auto_batch_size_is_resolved_before_training_and_recorded(tiny_fit):
-    fit = fit_tiny(tiny_fit.table, training_config=dataclasses.replace(TINY_TRAINING_CONFIG, batch_size=0))
-    assert fit.forecaster.training_config.batch_size == 64, "at most 2,000 windows an epoch: 32 steps of 64"
-    assert fit.forecaster.settings["training"]["batch_size"] == 64, "the checkpoint records the batch it trained with"

@@ -105,3 +105,17 @@ def test_an_ensemble_averages_its_networks_outputs_and_its_quantiles_never_cross
     assert one.forecast.shape == (1, 3) and one.quantiles.shape == (1, 3, 2)
     with pytest.raises(ValueError, match="at least two"):
         Ensemble([first])
+
+
+def test_a_relative_latency_history_reads_the_shape_of_the_history_not_its_level():
+    torch.manual_seed(0)
+    model = LatencyForecaster(3, 2, ModelConfig(hidden_size=8), anchored=True, relative_column=1).eval()
+    windows, services, current = torch.randn(5, 6, 3), torch.tensor([0, 1, 0, 1, 0]), torch.randn(5)
+    moved = windows.clone()
+    moved[..., 1] += 2.5  # the same history at another level
+    torch.testing.assert_close(model(moved, services, current), model(windows, services, current))
+    other = windows.clone()
+    other[:, 0, 1] += 2.5  # another shape
+    assert not torch.allclose(model(other, services, current), model(windows, services, current))
+    with pytest.raises(ValueError, match="only an anchored model"):
+        LatencyForecaster(3, 2, ModelConfig(hidden_size=8), relative_column=1)

@@ -1,5 +1,6 @@
 """store.py: reading a feature store by the contract (hive partitions, pushdown, every violation a
-user error), writing the demo layout, and the flag-level readers the scripts use."""
+user error), writing the demo layout, the readers of what the store holds, and the options the
+scripts read with (the flags' time range, a model's features, a warning about invalid values)."""
 
 import os
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from latency_forecast import data, store
-from latency_forecast.config import StoreConfig, TimeRangeConfig
+from latency_forecast.config import TimeRangeConfig
 from latency_forecast.data import format_minute, to_minute
 from latency_forecast.errors import UserError
 from tests.helpers import hand_frame, write_frame
@@ -209,11 +210,11 @@ def test_target_named_as_a_feature_is_read_once(tmp_path):
     np.testing.assert_array_equal(table.features[:, 1], table.target)
 
 
-def test_time_bounds_and_load_store_read_the_flags(tmp_path):
+def test_time_bounds_read_the_flags(tmp_path):
     path = write_frame(hand_frame(minutes=60), tmp_path / "s.parquet")
     time_range = TimeRangeConfig("2024-05-01T00:10:00Z", "2024-05-01T00:20:00Z")
     assert store.time_bounds(time_range) == (pd.Timestamp("2024-05-01T00:10Z"), pd.Timestamp("2024-05-01T00:20Z"))
-    table = store.load_store(StoreConfig(path), time_range, None)
+    table = store.load_feature_store(path, None, *store.time_bounds(time_range))
     assert (format_minute(table.minutes.min()), format_minute(table.minutes.max())) == ("2024-05-01T00:10:00Z", "2024-05-01T00:19:00Z")
     assert len(table) == 2 * 10
     assert store.time_bounds(TimeRangeConfig()) == (None, None)
@@ -233,7 +234,8 @@ def test_infinite_and_impossible_values_are_read_as_missing_and_counted(tmp_path
     assert table.invalid_values == {"cpu": 3, "target_latency_p99": 2}
     assert np.isnan(table.features[[1, 2, 3], 0]).all() and np.isfinite(np.delete(table.features[:, 0], [1, 2, 3])).all()
     assert np.isnan(table.target[[4, 5, 6]]).all() and np.isfinite(np.delete(table.target, [4, 5, 6])).all()
-    store.load_store(StoreConfig(path), TimeRangeConfig(), None)
+    assert capsys.readouterr().err == "", "warned only when asked"
+    store.load_feature_store(path, warn_invalid=True)
     err = capsys.readouterr().err
     assert err.startswith("warning: values read as missing") and "cpu 3, target_latency_p99 2" in err
 
@@ -241,8 +243,10 @@ def test_infinite_and_impossible_values_are_read_as_missing_and_counted(tmp_path
 def test_a_store_without_the_models_features_is_named_as_such(tmp_path):
     path = write_frame(hand_frame(features=("cpu",)), tmp_path / "s.parquet")
     with pytest.raises(UserError, match="the store does not hold the model's features .*'queue'"):
-        store.load_model_features(path, ["cpu", "queue"], None, None)
-    assert store.load_model_features(path, ["cpu"], None, None).feature_columns == ["cpu"]
+        store.load_feature_store(path, ["cpu", "queue"], for_model=True)
+    with pytest.raises(store.ColumnError, match="unknown feature column 'queue'"):
+        store.load_feature_store(path, ["cpu", "queue"])
+    assert store.load_feature_store(path, ["cpu"], for_model=True).feature_columns == ["cpu"]
 
 
 def test_row_group_keys_whose_chunks_carry_their_own_service_dictionaries():
@@ -253,3 +257,26 @@ def test_row_group_keys_whose_chunks_carry_their_own_service_dictionaries():
     keys = store._piece_keys(pa.table({"timestamp": stamps, "service": services}), "ms")
     assert [keys.names[i] for i in keys.indices] == ["x", "y", "z", "x"]
     assert keys.minutes.tolist() == [0, 1, 0, 2]
+
+
+def test_the_readers_of_what_the_store_holds_agree_with_its_rows(tmp_path):
+    """minute_span (footers, or the column where a file has no statistics), service_rows and
+    newest_minutes say what a full read of the rows says."""
+    frame = hand_frame(services=("a", "b", "c"), minutes=3 * 1440 // 16)
+    frame["timestamp"] = frame["timestamp"].iloc[0] + (frame["timestamp"] - frame["timestamp"].iloc[0]) * 16
+    frame = frame[(frame["service"] != "c") | (frame["timestamp"] < pd.Timestamp("2024-05-02T00:00Z"))]
+    path = str(tmp_path / "s")
+    store.write_feature_store(frame, path)
+    table = store.load_feature_store(path)
+    assert store.minute_span(path) == data.span(table)
+    no_statistics = str(tmp_path / "plain.parquet")
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), no_statistics, write_statistics=False)
+    assert store.minute_span(no_statistics) == data.span(table)
+    assert store.service_rows(path) == {"a": 270, "b": 270, "c": 90}
+    day_two = pd.Timestamp("2024-05-02T00:00Z"), pd.Timestamp("2024-05-03T00:00Z")
+    assert store.service_rows(path, *day_two) == {"a": 90, "b": 90}
+    newest = store.newest_minutes(path, ["b", "c", "zz"], day_two[0])
+    assert newest == {"b": to_minute(day_two[0]) - 16, "c": to_minute(day_two[0]) - 16}
+    assert store.newest_minutes(path, ["a"], pd.Timestamp("2024-04-01T00:00Z")) == {}
+    with pytest.raises(UserError, match="has no rows; check the path"):
+        store.minute_span(write_frame(frame.iloc[:0], tmp_path / "empty.parquet"))

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latency_forecast import config, store, synthetic
-from latency_forecast.config import TARGET_COLUMN, SyntheticConfig
+from latency_forecast import flags, store, synthetic
+from latency_forecast.config import TARGET_COLUMN
+from latency_forecast.script_config import SyntheticConfig
 from tests.helpers import assert_documented_defaults, assert_one_line_error
 
 
@@ -100,7 +101,19 @@ def test_help_shows_the_documented_defaults(capsys):
         synthetic.build_parser(),
         {"--output": "feature_store", "--days": "35", "--services": "8", "--faults-per-day": "1.5", "--seed": "0", "--start": "2024-05-01T00:00:00Z"},
     )
-    assert config.from_args(synthetic.build_parser().parse_args([]), SyntheticConfig) == SyntheticConfig()
+    assert flags.from_args(synthetic.build_parser().parse_args([]), SyntheticConfig) == SyntheticConfig()
     with pytest.raises(SystemExit) as raised:
         synthetic.main(["--help"])
     assert raised.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m latency_forecast.synthetic")
+
+
+def test_level_shifts_halve_or_double_each_services_own_latency_for_good_and_touch_nothing_else():
+    plain, manifest = synthetic.generate(days=4, n_services=3, seed=2)
+    shifted, shifted_manifest = synthetic.generate(days=4, n_services=3, seed=2, level_shift_at=0.5)
+    assert shifted_manifest == manifest, "a deploy is not a chaos fault"
+    early = plain["timestamp"] < plain["timestamp"].min() + pd.Timedelta(days=1.9)
+    pd.testing.assert_frame_equal(shifted[early], plain[early])  # nothing changes before the deploys
+    late = plain["timestamp"] > plain["timestamp"].min() + pd.Timedelta(days=3)
+    ratio = shifted[late].groupby("service")["target_latency_p99"].median() / plain[late].groupby("service")["target_latency_p99"].median()
+    leaf = synthetic.build_fleet(3)[-1].name  # calls nobody: its latency is its own time alone
+    assert 0.4 < ratio[leaf] < 0.65 or 1.6 < ratio[leaf] < 2.3, ratio

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-from latency_forecast import data, distributed, store, training
+from latency_forecast import data, distributed, scaling, store, training
 from latency_forecast.config import StoreConfig, TimeRangeConfig
 from latency_forecast.errors import UserError
 from tests.helpers import TINY_TRAINING, assert_reproduces_saved_test_metrics, reload, without
@@ -239,39 +239,39 @@ def test_combined_statistics_equal_the_one_process_fit(tiny_store):
     rows = data.rows_in(table, splits.train)
     shard_rows = [data.rows_in(shard, splits.train) for shard in shards]
 
-    single = data.FeatureScaler("log1p").fit(table.features, rows)
-    parts = [data.scaler_moments(data.FeatureScaler("log1p").fit(shard.features, part)) for shard, part in zip(shards, shard_rows)]
-    combined = data.combine_scalers(parts, "log1p")
+    single = scaling.FeatureScaler("log1p").fit(table.features, rows)
+    parts = [scaling.scaler_moments(scaling.FeatureScaler("log1p").fit(shard.features, part)) for shard, part in zip(shards, shard_rows)]
+    combined = scaling.combine_scalers(parts, "log1p")
     for name in ("mean_", "var_", "scale_"):  # pooled moments: float64 rounding apart
         np.testing.assert_allclose(getattr(combined.scaler, name), getattr(single.scaler, name), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(combined.scaler.n_samples_seen_, single.scaler.n_samples_seen_)
     # auto: the fraction columns are those of every shard's rows together, then pooled as above
-    bounds = data.combine_feature_bounds([data.feature_bounds(shard.features, part) for shard, part in zip(shards, shard_rows)])
-    np.testing.assert_array_equal(bounds, data.feature_bounds(table.features, rows))
-    saturating = data.saturating_columns(bounds)
-    single = data.FeatureScaler("auto").fit(table.features, rows)
+    bounds = scaling.combine_feature_bounds([scaling.feature_bounds(shard.features, part) for shard, part in zip(shards, shard_rows)])
+    np.testing.assert_array_equal(bounds, scaling.feature_bounds(table.features, rows))
+    saturating = scaling.saturating_columns(bounds)
+    single = scaling.FeatureScaler("auto").fit(table.features, rows)
     assert saturating.tolist() == single.saturating.tolist() and saturating.any() and not saturating.all()
-    parts = [data.scaler_moments(data.FeatureScaler("auto", saturating=saturating).fit(shard.features, part)) for shard, part in zip(shards, shard_rows)]
-    combined = data.combine_scalers(parts, "auto", saturating)
+    parts = [scaling.scaler_moments(scaling.FeatureScaler("auto", saturating=saturating).fit(shard.features, part)) for shard, part in zip(shards, shard_rows)]
+    combined = scaling.combine_scalers(parts, "auto", saturating)
     np.testing.assert_allclose(combined.transform(table.features), single.transform(table.features), rtol=1e-5, atol=1e-6)
 
     for per_service_scale in (False, True):
-        expected = data.TargetNormalizer.fit(table, rows, per_service_scale=per_service_scale)
-        statistics = [data.target_statistics(shard, part) for shard, part in zip(shards, shard_rows)]
-        assert data.combine_target_statistics(statistics, per_service_scale).state() == expected.state(), "all gathered: exact"
+        expected = scaling.TargetNormalizer.fit(table, rows, per_service_scale=per_service_scale)
+        statistics = [scaling.target_statistics(shard, part) for shard, part in zip(shards, shard_rows)]
+        assert scaling.combine_target_statistics(statistics, per_service_scale).state() == expected.state(), "all gathered: exact"
 
     # Past POOLED_SAMPLE_SIZE each rank sends a seeded subsample for the pooled median and IQR: each
     # service's own location is still exact; the pooled quantiles are off in rank by sampling error
     # only (standard error sqrt(p(1 - p) / m) for m values; checked at 4 of them, whatever the density)
-    expected = data.TargetNormalizer.fit(table, rows)
+    expected = scaling.TargetNormalizer.fit(table, rows)
     counts = [int(np.count_nonzero(part & np.isfinite(shard.target))) for shard, part in zip(shards, shard_rows)]
     m = 2000
     statistics = [
-        data.target_statistics(shard, part, sample_size=round(m * count / sum(counts)), seed=[0, rank])
+        scaling.target_statistics(shard, part, sample_size=round(m * count / sum(counts)), seed=[0, rank])
         for rank, (shard, part, count) in enumerate(zip(shards, shard_rows, counts))
     ]
     assert sum(len(part.log_targets) for part in statistics) == m
-    sampled = data.combine_target_statistics(statistics)
+    sampled = scaling.combine_target_statistics(statistics)
     np.testing.assert_array_equal(sampled.location, expected.location)
     assert sampled.ceiling == expected.ceiling
     values = np.sort(np.concatenate([np.log1p(shard.target[part & np.isfinite(shard.target)].astype(np.float64)) for shard, part in zip(shards, shard_rows)]))
@@ -285,9 +285,9 @@ def test_combined_statistics_equal_the_one_process_fit(tiny_store):
 def test_combined_scaler_keeps_the_constant_and_empty_feature_rules(rng):
     features = np.stack([rng.normal(5, 2, 400), np.full(400, 7.25), np.full(400, np.nan)], axis=1).astype(np.float32)
     rows = np.ones(400, dtype=bool)
-    single = data.FeatureScaler("none").fit(features, rows)
-    halves = [data.scaler_moments(data.FeatureScaler("none").fit(features[part], rows[part])) for part in (slice(0, 150), slice(150, 400))]
-    combined = data.combine_scalers(halves, "none")
+    single = scaling.FeatureScaler("none").fit(features, rows)
+    halves = [scaling.scaler_moments(scaling.FeatureScaler("none").fit(features[part], rows[part])) for part in (slice(0, 150), slice(150, 400))]
+    combined = scaling.combine_scalers(halves, "none")
     np.testing.assert_allclose(combined.scaler.mean_, single.scaler.mean_, rtol=1e-12)
     np.testing.assert_array_equal(combined.scaler.scale_[1:], [1.0, 1.0])  # a constant and an all-NaN feature: scale 1, never NaN
     np.testing.assert_allclose(combined.transform(features), single.transform(features), rtol=1e-6, atol=1e-6)

@@ -18,7 +18,7 @@ and keep it only if it wins everywhere.
 Example:
     python -m latency_forecast.synthetic --output dev_store_1 --seed 1
     python -m latency_forecast.synthetic --output dev_store_2 --seed 2
-    python -m tools.dev_stores --dev-stores dev_store_1,dev_store_2 --real-stores ../shared/data/nezha_train_ticket
+    python -m tools.dev_stores --dev-stores dev_store_1,dev_store_2 --real-stores path/to/nezha_train_ticket
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ import itertools
 import sys
 from typing import Sequence
 
-from latency_forecast import alerting, config, data, evaluation, forecaster, store
+from latency_forecast import alerting, data, evaluation, fitting, flags, store
 from latency_forecast.config import AlertConfig, BaselineConfig, DataConfig, ModelConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 
 CONFIGS = (DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig)
 
 
-def build_parser() -> config.ArgumentParser:
-    parser = config.build_parser(prog="python -m tools.dev_stores", description=__doc__, parents=[config.parent_parser(*CONFIGS)])
+def build_parser() -> flags.ArgumentParser:
+    parser = flags.build_parser(prog="python -m tools.dev_stores", description=__doc__, parents=[flags.parent_parser(*CONFIGS)])
     parser.add_argument("--dev-stores", default="", help="comma-separated synthetic development stores (two or more), fit on each, judged on the others")
     parser.add_argument("--real-stores", default="", help="comma-separated real stores, each judged on its own validation and test splits")
     return parser
@@ -74,44 +74,42 @@ def judge(judged: evaluation.Evaluation, compared: dict[str, tuple[str, float]],
     return "  ".join(line)
 
 
-def fit(path: str, settings: tuple) -> tuple[forecaster.Forecaster, dict, data.SeriesTable, forecaster.PreparedSeries, data.Splits, dict]:
-    """Fit the model and baselines on the store's training split; calibrate on its validation split."""
-    data_config, model_config, training_config, alert_config, baseline_config = settings
-    table = store.load_feature_store(path, data_config.feature_columns)
-    splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
-    trained, prepared, _ = forecaster.fit_forecaster(
-        table, splits.train, splits.validation, data_config, model_config, training_config,
-        progress=False, log=lambda message: None, latency_thresholds=alerting.read_latency_thresholds(data_config),
-    )
-    baselines = evaluation.fit_baselines(trained, prepared, prepared.samples(splits.train, "training"), baseline_config)
-    validation, trained.alert = evaluation.calibrated_evaluation(
-        trained, prepared, prepared.samples(splits.validation, "validation"), alert_config, baselines
-    )
-    compared = evaluation.comparisons(validation, trained.alert, alert_config, data_config.horizon)
-    return trained, baselines, table, prepared, splits, {"validation": validation, "compared": compared}
+def fit(path: str, settings: fitting.Settings) -> tuple[fitting.Trained, data.Splits, dict]:
+    """The training step on the store's training split (calibrated on its validation split), and
+    the alerts compared with the model's, chosen there."""
+    table = store.load_feature_store(path, settings.data.feature_columns)
+    splits = data.fraction_splits(table, settings.data.validation_fraction, settings.data.test_fraction, settings.data.embargo)
+    run = fitting.train(table, splits.train, splits.validation, settings, progress=False, log=lambda message: None)
+    compared = evaluation.comparisons(run.validation, run.forecaster.alert, settings.alert, settings.data.horizon)
+    return run, splits, compared
 
 
 @cli_entrypoint
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = config.from_args(args, *CONFIGS)
-    horizon = settings[0].horizon
+    data_config, model_config, training_config, alert_config, baseline_config = flags.from_args(args, *CONFIGS)
+    settings = fitting.Settings(
+        data_config, model_config, training_config, alert_config, baseline_config, latency_thresholds=alerting.read_latency_thresholds(data_config)
+    )
+    horizon = data_config.horizon
     synthetic = [path for path in args.dev_stores.split(",") if path]
     real = [path for path in args.real_stores.split(",") if path]
     if len(synthetic) == 1 or not (synthetic or real):
         raise UserError("pass two or more --dev-stores (python -m latency_forecast.synthetic --seed 1, --seed 2) and/or --real-stores")
     print("model vs baselines on the same samples; alerts: episodes anticipated (test FPR, false alarms per service-day), thresholds chosen on validation")
     for path in real:
-        trained, baselines, table, prepared, splits, fitted = fit(path, settings)
-        print(f"real {path}: validation  {judge(fitted['validation'], fitted['compared'], horizon, trained.alert)}")
-        test = evaluation.evaluate(trained, prepared, prepared.samples(splits.test, "test"), baselines)
-        print(f"    test  {judge(test, fitted['compared'], horizon, trained.alert)}", flush=True)
+        run, splits, compared = fit(path, settings)
+        trained = run.forecaster
+        print(f"real {path}: validation  {judge(run.validation, compared, horizon, trained.alert)}")
+        test = evaluation.evaluate(trained, run.prepared, run.prepared.samples(splits.test, "test"))
+        print(f"    test  {judge(test, compared, horizon, trained.alert)}", flush=True)
     for fit_store, other_store in itertools.permutations(synthetic, 2):
-        trained, baselines, _, _, _, fitted = fit(fit_store, settings)
+        run, _, compared = fit(fit_store, settings)
+        trained = run.forecaster
         unseen = trained.prepare(store.load_feature_store(other_store, trained.feature_columns))
-        print(f"fit {fit_store}: validation  {judge(fitted['validation'], fitted['compared'], horizon, trained.alert)}")
-        other = evaluation.evaluate(trained, unseen, unseen.ends, baselines)
-        print(f"    judged on all of {other_store}: {judge(other, fitted['compared'], horizon, trained.alert)}", flush=True)
+        print(f"fit {fit_store}: validation  {judge(run.validation, compared, horizon, trained.alert)}")
+        other = evaluation.evaluate(trained, unseen, unseen.ends)
+        print(f"    judged on all of {other_store}: {judge(other, compared, horizon, trained.alert)}", flush=True)
     return 0
 
 
