@@ -1,11 +1,15 @@
 """Cost of one explained window: grouped exact Shapley (one player per feature, explain.py) against
 shap's flat KernelExplainer over the L x F inputs at its default nsamples, on the same model,
 windows and background, in one run, at F = 3 and F = 8 (default model and background settings).
+The model is one network of the default size, as the cause model that train.py's default features
+(the latency's own history among them) are explained through; ``--ensemble-size 0`` explains the
+default ensemble that a forecaster of telemetry features alone trains, and is explained as.
 
-    python -m bench.bench_explain [--windows 64] [--flat-windows 3] [--repeats 5] [--threads N]
+    python -m bench.bench_explain [--windows 64] [--flat-windows 3] [--repeats 5] [--threads N] [--smoke]
 
 Prints the machine, then medians in ms per window. Timings on a shared machine are noisy:
-compare the ratios, which are measured back to back in one process.
+compare the ratios, which are measured back to back in one process. ``--smoke`` explains 4
+windows (1 flat) once, on a 3 x 2 store.
 """
 
 from __future__ import annotations
@@ -23,51 +27,48 @@ import shap
 import torch
 from shap.utils._legacy import DenseData
 
-from bench.common import Result, command, load_average, machine, run_benchmark
-from latency_forecast.forecaster import Forecaster, PreparedSeries, fit_forecaster
-from latency_forecast import data, explain, synthetic
+from bench.common import Result, command, ensure_store, load_average, machine, parse_arguments, run_benchmark
+from latency_forecast import data, explain, fitting, synthetic
 from latency_forecast import store as store_io  # `store` names store paths here
-from latency_forecast.config import DataConfig, ExplainConfig, ImportanceConfig, ModelConfig, TrainingConfig
+from latency_forecast.config import BaselineConfig, DataConfig, ExplainConfig, ImportanceConfig, ModelConfig, TrainingConfig
 
 FEATURES = {
     3: ["cpu_rolling_avg", "path_depth", "fan_out"],
     8: [name for name in synthetic.FEATURE_COLUMNS if name != "node_cpu_cores"],
 }
+SMOKE = {"services": 3, "days": 2, "samples_per_epoch": 512, "windows": 4, "flat_windows": 1, "repeats": 1}
 
 
-def _trained(store: str, features: list[str]) -> tuple[Forecaster, PreparedSeries, data.Splits]:
-    """A default-sized level model (what explanations run on: the cause model, or a forecaster with
-    --anchor none), briefly trained (costs do not depend on the weights)."""
+def _trained(store: str, features: list[str], samples_per_epoch: int, ensemble_size: int) -> fitting.Trained:
+    """A forecaster of telemetry features alone (a level model, explained directly, as a cause
+    model is), with its explanation background, from the one training step; one brief epoch
+    (costs do not depend on the weights)."""
     table = store_io.load_feature_store(store, features)
     data_config = DataConfig(feature_columns=features)
     splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo)
-    training = TrainingConfig(epochs=1, samples_per_epoch=4000, device="cpu")
-    forecaster, prepared, _ = fit_forecaster(
-        table, splits.train, splits.validation, data_config, ModelConfig(), training, progress=False, log=lambda _: None
+    settings = fitting.Settings(
+        data_config, ModelConfig(ensemble_size=ensemble_size), TrainingConfig(epochs=1, samples_per_epoch=samples_per_epoch, device="cpu"),
+        baseline=BaselineConfig(baselines="persistence"), importance=ImportanceConfig(),
     )
-    return forecaster, prepared, splits
+    return fitting.train(table, splits.train, splits.validation, settings, progress=False, log=lambda _: None)
 
 
 def _median_ms(seconds: Sequence[float], per: int = 1) -> float:
     return 1e3 * statistics.median(seconds) / per
 
 
-def run(n_features: int, store: str, n_windows: int, n_flat: int, repeats: int) -> dict:
-    forecaster, prepared, splits = _trained(store, FEATURES[n_features])
-    settings = forecaster.data_config
-    L, H = settings.sequence_length, settings.horizon
-    train_ends = data.samples_in(prepared.ends, prepared.table, splits.train, L, H)
-    validation_ends = data.samples_in(prepared.ends, prepared.table, splits.validation, L, H)
-    background = explain.build_background(
-        prepared.tensors, train_ends, len(forecaster.services), ImportanceConfig().background_size, seed=0
-    )
+def run(n_features: int, store: str, n_windows: int, n_flat: int, repeats: int, samples_per_epoch: int, ensemble_size: int) -> dict:
+    trained = _trained(store, FEATURES[n_features], samples_per_epoch, ensemble_size)
+    forecaster, prepared, validation_ends = trained.forecaster, trained.prepared, trained.samples["validation"]
+    L = forecaster.data_config.sequence_length
+    background = forecaster.require_background("the benchmark's forecaster")
     # the windows of one service with the highest forecasts: the spikes an SRE would ask about
     code = int(np.bincount(prepared.tensors.service_codes[validation_ends].numpy()).argmax())
     mine = validation_ends[prepared.tensors.service_codes[validation_ends].numpy() == code]
-    ends = np.sort(mine[np.argsort(-forecaster.predict(prepared, mine)[0])[:n_windows]])
+    ends = np.sort(mine[np.argsort(-forecaster.predict(prepared, mine).ms)[:n_windows]])
     windows = prepared.tensors.batch(torch.as_tensor(ends))[0].numpy()
     reference, weights = background.of_service(code)
-    model, normalizer, config = forecaster.model, forecaster.target_normalizer, ExplainConfig()
+    model, normalizer, config = forecaster.explained_model, forecaster.target_normalizer, ExplainConfig()
 
     batched, single = [], []
     for _ in range(repeats):
@@ -122,21 +123,31 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--flat-windows", type=int, default=3, help="windows explained by the flat KernelExplainer (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of the grouped explanation (default: %(default)s)")
     parser.add_argument("--features", default="3,8", help="comma-separated F values among 3 and 8 (default: %(default)s)")
+    parser.add_argument("--services", type=int, default=8, help="services in the generated store (default: %(default)s)")
+    parser.add_argument("--days", type=int, default=8, help="days in the generated store (default: %(default)s)")
+    parser.add_argument("--samples-per-epoch", type=int, default=4000,
+                        help="windows of the model's one training epoch (default: %(default)s; costs do not depend on the weights)")
+    parser.add_argument(
+        "--ensemble-size", type=int, default=1,
+        help="networks of the explained model (default: %(default)s, the cause model's; 0: the automatic ensemble "
+        "of a forecaster of telemetry alone, each network another forward pass per coalition)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads (default: %(default)s; 0 keeps torch's default): on a machine shared with other "
         "jobs, more threads wait for each other",
     )
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as directory:
-        store = os.path.join(directory, "store")
-        frame, _ = synthetic.generate(days=8, n_services=8, seed=0)
-        store_io.write_feature_store(frame, store)
-        results = [run(int(f), store, args.windows, args.flat_windows, args.repeats) for f in args.features.split(",")]
+        store = ensure_store(os.path.join(directory, "store"), args.services, args.days)
+        results = [
+            run(int(f), store, args.windows, args.flat_windows, args.repeats, args.samples_per_epoch, args.ensemble_size)
+            for f in args.features.split(",")
+        ]
     print(
         f"{'F':>3} {'coalitions':>10} {'background':>10} {'grouped, batched':>17} {'grouped, 1 window':>18} "
         f"{'flat (L*F inputs)':>18} {'speedup':>8} {'(1 window)':>10} {'same top':>9}"

@@ -2,52 +2,44 @@
 window of a store of about 100 services x 28 days (4M rows), against a bare ``pyarrow.dataset``
 read of the same columns.
 
-    python -m bench.bench_pipeline [--services 100] [--days 28] [--repeats 3] [--store DIR]
+    python -m bench.bench_pipeline [--services 100] [--days 28] [--repeats 7] [--store DIR] [--smoke]
 
 Each contender runs in a fresh subprocess (so that one's memory cannot count against the other),
 the two alternating; peak RSS is the process's high-water mark above its RSS after imports.
-The store is generated once (``bench/results/``) and reused.
+The store is generated once (``bench/results/``) and reused. ``--smoke`` runs both contenders
+once, in this process, on a 3 x 2 store in a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
-from bench.common import Result, command, load_average, machine, median, run_benchmark
+from bench.common import (
+    Result, command, ensure_store, load_average, machine, median, parse_arguments, reset_peak, run_benchmark, run_child, status_mb,
+)
 
 TARGET_TIME_RATIO = 2.0  # ours at most 2x the bare read
 TARGET_MATRIX_MULTIPLE = 3.0  # peak RSS at most 3x the float32 feature matrix
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as stream:
-        line = next(line for line in stream if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
-def _reset_peak() -> None:
-    """Make VmHWM restart from the current RSS (Linux >= 4.0), so import-time peaks do not count."""
-    with open("/proc/self/clear_refs", "w") as stream:
-        stream.write("5")
+SMOKE = {"services": 3, "days": 2, "repeats": 1, "in_process": True}
 
 
 def _ours(store: str) -> int:
     """train.py's path up to training: every valid window of every split indexed."""
-    from latency_forecast.forecaster import untrained_forecaster
-    from latency_forecast import data, store as store_io
+    from latency_forecast import data, fitting, store as store_io
     from latency_forecast.config import DataConfig, ModelConfig, TrainingConfig
 
     settings = DataConfig()
     table = store_io.load_feature_store(store)
     splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
-    forecaster = untrained_forecaster(table, splits.train, settings, ModelConfig(), TrainingConfig(device="cpu"))
-    prepared = forecaster.prepare(table, inplace=True)  # as train.py does
+    forecaster = fitting.untrained_forecaster(table, splits.train, fitting.Settings(settings, ModelConfig(), TrainingConfig(device="cpu")))
+    prepared = forecaster.prepare(table, inplace=True)  # as fitting.train does for train.py
     for name in ("train", "validation", "test"):
         data.samples_in(prepared.ends, table, getattr(splits, name), settings.sequence_length, settings.horizon)
     return table.features.nbytes
@@ -71,55 +63,51 @@ def _bare(store: str) -> int:
 
 def child(contender: str, store: str) -> dict:
     """One measurement, in this (fresh) process: seconds, peak RSS above the post-import RSS, matrix size."""
-    import latency_forecast.forecaster  # noqa: F401  (imports are not part of the work)
+    import latency_forecast.fitting  # noqa: F401  (imports are not part of the work)
     import pyarrow.dataset  # noqa: F401
 
-    base = _status_mb("VmRSS")
-    _reset_peak()
+    reset_peak()
+    base = status_mb("VmRSS")
     started = time.perf_counter()
     matrix_bytes = {"ours": _ours, "bare": _bare}[contender](store)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_mb": _status_mb("VmHWM") - base, "base_mb": base, "matrix_mb": matrix_bytes / 2**20}
+    # the kernel updates RSS counters lazily: a peak a few pages below the base is 0
+    return {"seconds": seconds, "peak_mb": max(0.0, status_mb("VmHWM") - base), "base_mb": base, "matrix_mb": matrix_bytes / 2**20}
 
 
-def _run_child(contender: str, store: str) -> dict:
-    output = subprocess.run(
-        [sys.executable, "-m", "bench.bench_pipeline", "--child", contender, "--store", store],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def ensure_store(path: str, services: int, days: int) -> str:
-    if not os.path.exists(os.path.join(path, "chaos_manifest.json")):
-        print(f"generating {services} services x {days} days into {path} (once)", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "latency_forecast.synthetic", "--output", path, "--days", str(days),
-             "--services", str(services), "--seed", "0"],
-            check=True, stdout=subprocess.DEVNULL,
-        )
-    return path
+def _run_child(contender: str, store: str, in_process: bool) -> dict:
+    if in_process:
+        return child(contender, store)
+    return json.loads(run_child([sys.executable, "-m", "bench.bench_pipeline", "--child", contender, "--store", store]))
 
 
 def measure(argv: Sequence[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=100, help="services in the generated store (default: %(default)s)")
     parser.add_argument("--days", type=int, default=28, help="days in the generated store (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, alternating (default: %(default)s)")
-    parser.add_argument("--store", help="store to use (default: bench/results/store-<services>x<days>, generated if missing)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="runs of each contender, alternating (default: %(default)s: the bare read alone swings 2x from run to run)")
+    parser.add_argument("--store", help="store to use (default: bench/results/store-<services>x<days>, generated if missing; "
+                        "with --smoke, a temporary directory)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the contenders in this process, not in fresh ones (their peak RSS then means little)")
     parser.add_argument("--child", choices=("ours", "bare"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    store = args.store or os.path.join("bench", "results", f"store-{args.services}x{args.days}")
+    args = parse_arguments(parser, argv, SMOKE)
     if args.child:
-        print(json.dumps(child(args.child, store)))
+        print(json.dumps(child(args.child, args.store or _default_store(args))))
         return []
     print(f"machine: {machine()}")
-    ensure_store(store, args.services, args.days)
-    runs: dict[str, list[dict]] = {"ours": [], "bare": []}
-    for repeat in range(args.repeats):
-        for contender in ("ours", "bare") if repeat % 2 == 0 else ("bare", "ours"):
-            runs[contender].append(_run_child(contender, store))
-            print(f"  {contender:4}: {runs[contender][-1]}", flush=True)
+    with contextlib.ExitStack() as stack:
+        store = args.store
+        if store is None:
+            root = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pipeline-")) if args.smoke else None
+            store = _default_store(args, root)
+        ensure_store(store, args.services, args.days)
+        runs: dict[str, list[dict]] = {"ours": [], "bare": []}
+        for repeat in range(args.repeats):
+            for contender in ("ours", "bare") if repeat % 2 == 0 else ("bare", "ours"):
+                runs[contender].append(_run_child(contender, store, args.in_process))
+                print(f"  {contender:4}: {runs[contender][-1]}", flush=True)
     seconds = {name: median([run["seconds"] for run in values]) for name, values in runs.items()}
     peak = {name: median([run["peak_mb"] for run in values]) for name, values in runs.items()}
     matrix_mb = runs["ours"][0]["matrix_mb"]
@@ -136,6 +124,10 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     ]
     print(f"load average after: {load}")
     return results
+
+
+def _default_store(args: argparse.Namespace, root: str | None = None) -> str:
+    return os.path.join(root or os.path.join("bench", "results"), f"store-{args.services}x{args.days}")
 
 
 if __name__ == "__main__":

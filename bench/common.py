@@ -1,11 +1,13 @@
-"""What every benchmark shares: the machine line, medians, and the result rows that
-``bench.run_all`` writes into BENCHMARKS.md."""
+"""What every benchmark shares: the machine line, medians, the smoke flag, generated stores, peak
+memory, and the result rows that ``bench.run_all`` writes into BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -49,6 +51,59 @@ def command(module: str, argv: Sequence[str] | None) -> str:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None, smoke: dict) -> argparse.Namespace:
+    """Parse ``argv``, adding ``--smoke``: the flag values in ``smoke`` become the defaults (flags
+    given explicitly still win), so a smoke run is the same code as a full one, only tiny."""
+    shown = " ".join(
+        f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}") for name, value in smoke.items() if value is not None
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help=f"a check that the benchmark still runs, in seconds (tests/test_bench.py runs it); its numbers mean "
+        f"nothing. Defaults become: {shown or 'see the module docstring'}",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    return args
+
+
+def ensure_store(path: str, services: int, days: int, seed: int = 0) -> str:
+    """The demo generator's store of ``services`` x ``days`` at ``path`` (with its chaos manifest),
+    written unless it is there already."""
+    from latency_forecast import synthetic
+
+    if not os.path.exists(os.path.join(path, "chaos_manifest.json")):
+        print(f"generating {services} services x {days} days into {path}", flush=True)
+        arguments = ["--output", path, "--days", str(days), "--services", str(services), "--seed", str(seed)]
+        if synthetic.main(arguments) != 0:
+            raise RuntimeError(f"python -m latency_forecast.synthetic {' '.join(arguments)} failed")
+    return path
+
+
+def run_child(arguments: Sequence[str]) -> str:
+    """Run a benchmark's measurement in a fresh process; its last line of output (a JSON object).
+    A failure raises with the end of the child's stderr, where its error is."""
+    process = subprocess.run(list(arguments), capture_output=True, text=True, check=False)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments)} exited {process.returncode}:\n" + "\n".join(process.stderr.splitlines()[-15:]))
+    return process.stdout.strip().splitlines()[-1]
+
+
+def status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
+    with open("/proc/self/status") as stream:
+        line = next(line for line in stream if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak() -> None:
+    """Make VmHWM restart from the current RSS (Linux >= 4.0), so earlier peaks (imports) do not count."""
+    with open("/proc/self/clear_refs", "w") as stream:
+        stream.write("5")
 
 
 @dataclass
