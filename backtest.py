@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Sequence
 
-from latency_forecast import alerting, artifacts, backtesting, config, data, fitting, flags, plots, store
+from latency_forecast import alerting, artifacts, backtesting, config, data, fitting, flags, plots, ray_folds, store
 from latency_forecast.config import AlertConfig, BaselineConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 from latency_forecast.script_config import BacktestConfig
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     thresholds = alerting.read_latency_thresholds(data_config)
     alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
     if backtest_config.executor == "ray":
-        backtesting.import_ray(local=backtest_config.ray_address is None)  # a missing Ray fails before the store is read
+        ray_folds.import_ray(local=backtest_config.ray_address is None)  # a missing Ray fails before the store is read
     directory, json_name, figure_name = _output_paths(backtest_config.output)
     with artifacts.output_lock(directory, "--output directory"):  # one backtest or train.py run at a time
         settings = fitting.Settings(

@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write_artifacts(stage: artifacts.Stage, run: fitting.Trained, report: dict, test: evaluation.Evaluation, importance: dict | None, settings: fitting.Settings) -> None:
     trained, table = run.forecaster, run.prepared.table
     stage.save_torch("latency_forecaster.pt", trained.checkpoint())
+    for name, saved in trained.saved_members().items():
+        stage.write_bytes(name, saved)
     stage.save_torch("scaler.pt", trained.scaler.state(table.feature_columns))
     stage.write_json("metrics.json", report)
     stage.write_json("training_history.json", run.history)

@@ -98,6 +98,10 @@ class Stage:
     def write_json(self, name: str, value: Any) -> None:
         write_json(value, self.path(name))
 
+    def write_bytes(self, name: str, value: bytes) -> None:
+        with open(self.path(name), "wb") as stream:
+            stream.write(value)
+
     def save_torch(self, name: str, value: dict) -> None:
         torch.save(value, self.path(name))
 
@@ -242,6 +246,17 @@ def replace_directory(staging: str, target: str) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(staging, target)
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The file's bytes, None when there is no such file."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror or type(error).__name__}); check its permissions") from error
 
 
 def load_torch(path: str, what: str, flag: str) -> dict:

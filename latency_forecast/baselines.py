@@ -4,10 +4,16 @@ L x F input window plus the service, fitted on training windows only. Pure numpy
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import io
+import json
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
+import skops.io
 from sklearn.ensemble import HistGradientBoostingRegressor
 
 LOSSES = ("log_absolute_error", "log_squared_error", "absolute_error")
@@ -25,6 +31,17 @@ EARLY_STOPPING_MIN_SAMPLES = 10_000
 CHUNK_ROWS = 8192  # windows gathered at once: bounds the temporary (chunk, L, F) copy
 PREDICT_CHUNK = 16_384  # windows predicted at once: bounds the (chunk, L*F+1) float64 matrix
 _MAX_CATEGORIES = 255  # HistGradientBoosting's ceiling on a categorical feature's cardinality
+# What a saved regressor may hold beyond skops' own safe types; a file naming any other type is
+# refused before anything in it runs (no pickle: skops rebuilds only the types it is told to trust)
+TRUSTED_TYPES = (
+    "functools.partial",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils.validation.check_array",
+)
+
+
+class UntrustedModelError(ValueError):
+    """A saved regressor holds types outside TRUSTED_TYPES, or is not a skops file at all."""
 
 
 def _supports_validation_set() -> bool:
@@ -235,6 +252,33 @@ class GradientBoostingBaseline:
             n_early_stopping_samples=int(held_mask.sum()),
         )
 
+    def state(self) -> dict:
+        """Everything but the trees, as plain values (the checkpoint keeps it); :attr:`saved` has the trees."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "regressor"}
+
+    @functools.cached_property
+    def saved(self) -> bytes:
+        """The fitted trees as a skops file's bytes (read back by :meth:`from_saved`), made once:
+        identical fits give identical bytes (:func:`_canonical`), and the checkpoint keeps their digest."""
+        return _canonical(skops.io.dumps(self.regressor))
+
+    @classmethod
+    def from_saved(cls, state: dict, saved: bytes) -> "GradientBoostingBaseline":
+        """Rebuild from :meth:`state` and :attr:`saved`; UntrustedModelError when ``saved`` holds
+        any type outside TRUSTED_TYPES (nothing of it is run) or is not a skops file."""
+        try:
+            untrusted = sorted(set(skops.io.get_untrusted_types(data=saved)) - set(TRUSTED_TYPES))
+        except Exception as error:  # a damaged or foreign file: skops' errors vary by what it found
+            raise UntrustedModelError(f"not a saved gradient-boosting model ({type(error).__name__})") from error
+        if untrusted:
+            raise UntrustedModelError(f"it holds types this toolkit does not trust: {', '.join(untrusted)}")
+        regressor = skops.io.loads(saved, trusted=list(TRUSTED_TYPES))
+        if not isinstance(regressor, HistGradientBoostingRegressor):
+            raise UntrustedModelError(f"it holds a {type(regressor).__name__}, not a HistGradientBoostingRegressor")
+        baseline = cls(regressor=regressor, **state)
+        baseline.__dict__["saved"] = saved  # the very bytes its digest was taken of
+        return baseline
+
     def predict(
         self,
         features: np.ndarray,
@@ -260,6 +304,48 @@ class GradientBoostingBaseline:
                 prediction += _encode(target[chunk].astype(np.float64), self.loss)
             out[start : start + len(chunk)] = _decode(prediction, self.loss)
         return out
+
+
+def _canonical(saved: bytes) -> bytes:
+    """A skops file renumbered so that the same trees always give the same bytes.
+
+    skops names each object (and each array's file) by its ``id()`` and stamps every member with
+    the time it was written, so two identical runs would write different files. The same file
+    with those ids numbered in order of appearance and one fixed timestamp loads the same model.
+    """
+    source = zipfile.ZipFile(io.BytesIO(saved))
+    schema = json.loads(source.read("schema.json"))
+    numbers: dict[int, int] = {}
+
+    def number(value: int) -> int:
+        return numbers.setdefault(int(value), len(numbers))
+
+    def renamed(name: str) -> str:
+        stem, _, suffix = name.partition(".")
+        return f"{number(int(stem))}.{suffix}"
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "__id__" in node:
+                node["__id__"] = number(node["__id__"])
+            if node.get("__loader__") == "CachedNode":
+                node["content"] = number(node["content"])
+            if isinstance(node.get("file"), str):
+                node["file"] = renamed(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        members = {renamed(info.filename): source.read(info.filename) for info in source.infolist() if info.filename != "schema.json"}
+        members["schema.json"] = json.dumps(schema, indent=2).encode()
+        for name in sorted(members):
+            target.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), members[name], compress_type=zipfile.ZIP_DEFLATED)
+    return out.getvalue()
 
 
 def _encode(latency_ms: np.ndarray, loss: str) -> np.ndarray:

@@ -149,6 +149,13 @@ class ModelConfig:
         f"as many as fill --samples-per-epoch with the store's training windows, {MIN_AUTO_ENSEMBLE} to {MAX_AUTO_ENSEMBLE} "
         "(the mean of several networks beats one on every development store; one network's seed is a lottery)",
     )
+    ensemble: str = setting(
+        "greedy",
+        "what is shipped (metrics, alerts, forecast.py): greedy, a weighted mean of the recurrent networks, gradient "
+        "boosting and persistence, weights chosen on validation by greedy ensemble selection; none, the recurrent "
+        "networks alone",
+        choices=("greedy", "none"),
+    )
 
     @property
     def quantile_levels(self) -> tuple[float, ...]:

@@ -15,6 +15,7 @@ from latency_forecast import alerting, metrics
 from latency_forecast.alerting import AlertRule
 from latency_forecast.baselines import GradientBoostingBaseline
 from latency_forecast.config import AlertConfig, BaselineConfig
+from latency_forecast.ensemble import RECURRENT
 from latency_forecast.forecaster import Forecaster, PreparedSeries
 
 
@@ -36,6 +37,7 @@ class Evaluation:
     score: np.ndarray  # model alert score (forecast ratio or breach probability)
     alert_threshold: np.ndarray  # the model's alert threshold for each sample
     baselines: dict[str, np.ndarray]  # name -> forecast ms
+    recurrent: np.ndarray  # the recurrent networks' own forecast, ms (the shipped one is ``forecast``)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -84,6 +86,11 @@ class Evaluation:
     def persistence_metrics(self) -> dict:
         return self.baseline_metrics["persistence"]
 
+    @cached_property
+    def member_metrics(self) -> dict[str, dict]:
+        """Each ensemble member's contract metrics on its own point forecast at the latency threshold."""
+        return {RECURRENT: metrics.forecast_metrics(self.actual, self.recurrent, self.latency_threshold), **self.baseline_metrics}
+
     def with_alert_rule(self, rule: AlertRule, services: Sequence[str]) -> "Evaluation":
         """The same forecasts judged by another alert rule (no new predictions)."""
         return dataclasses.replace(self, alert_threshold=rule.thresholds_for(services)[self.service_codes])
@@ -117,10 +124,7 @@ def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray)
     table = prepared.table
     threshold = prepared.latency_threshold(ends)
     forecast = forecaster.predict(prepared, ends)
-    baselines = {"persistence": table.target[ends].astype(np.float64)}
-    if forecaster.baselines:
-        inputs, codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
-        baselines.update({name: baseline.predict(inputs, table.target, codes, ends) for name, baseline in forecaster.baselines.items()})
+    baselines = {name: forecast.members[name] for name in ("persistence", *forecaster.baselines)}
     return Evaluation(
         ends,
         table.service_codes[ends],
@@ -132,6 +136,7 @@ def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray)
         forecaster.alert.scores(forecast, threshold),
         forecaster.alert.thresholds_for(table.services)[table.service_codes[ends]],
         baselines,
+        forecast.members[RECURRENT],
     )
 
 
@@ -237,6 +242,7 @@ def per_service(evaluation: Evaluation, services: Sequence[str]) -> dict[str, di
             "model": metrics.forecast_metrics(
                 evaluation.actual[mine], evaluation.forecast[mine], threshold, evaluation.alert_threshold[mine], evaluation.score[mine]
             ),
+            RECURRENT: metrics.forecast_metrics(evaluation.actual[mine], evaluation.recurrent[mine], threshold),
             **{
                 name: metrics.forecast_metrics(evaluation.actual[mine], forecast[mine], threshold)
                 for name, forecast in evaluation.baselines.items()
@@ -270,6 +276,8 @@ def metrics_report(
             name: {split: evaluations[split].baseline_metrics[name] for split in ("validation", "test")}
             for name in validation.baselines
         },
+        "ensemble": {"weights": dict(forecaster.ensemble_weights)},
+        "members": {name: {split: evaluations[split].member_metrics[name] for split in ("validation", "test")} for name in validation.member_metrics},
         "quantiles": {split: quantile_report(evaluations[split]) for split in ("validation", "test")},
         "alerting": {
             "operating_point": {

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from latency_forecast import background, config, data, distributed, evaluation, training
+from latency_forecast import background, config, data, distributed, ensemble, evaluation, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
 from latency_forecast.config import (
     AlertConfig,
@@ -155,6 +155,8 @@ def train(
     with threadpool_limits(limits=settings.training.num_threads or None):
         baselines = evaluation.fit_baselines(untrained, prepared, samples["train"], settings.baseline)
     fitted = dataclasses.replace(untrained, baselines=baselines)
+    if settings.model.ensemble == "greedy":
+        fitted = dataclasses.replace(fitted, ensemble_weights=_ensemble_weights(fitted, prepared, samples["validation"]))
     # the operating point is chosen on validation; a test split only measures it
     validation, rule = evaluation.calibrated_evaluation(fitted, prepared, samples["validation"], settings.alert)
     explanation_background = None
@@ -167,6 +169,13 @@ def train(
         store_config=settings.store, time_range_config=settings.time_range, alert_config=settings.alert, run_id=run_id,
     )
     return Trained(forecaster, prepared, samples, validation, history, cause_history)
+
+
+def _ensemble_weights(forecaster: Forecaster, prepared: PreparedSeries, validation_ends: np.ndarray) -> dict[str, float]:
+    """Greedy ensemble selection of the forecaster's members on the validation samples."""
+    members = forecaster.predict(prepared, validation_ends).members
+    actual = prepared.table.target[validation_ends + forecaster.data_config.horizon]
+    return ensemble.select_weights({name: members[name] for name in ensemble.MEMBERS if name in members}, actual)
 
 
 def untrained_forecaster(table: SeriesTable, fit_range: TimeRange, settings: Settings) -> Forecaster:

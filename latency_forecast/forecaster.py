@@ -7,25 +7,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from latency_forecast import artifacts, config, data, training
+from latency_forecast import artifacts, config, data, ensemble, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
 from latency_forecast.background import Background
-from latency_forecast.baselines import GradientBoostingBaseline
+from latency_forecast.baselines import GradientBoostingBaseline, UntrustedModelError
 from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.data import SeriesTable, TimeRange
 from latency_forecast.errors import UserError
 from latency_forecast.model import Ensemble, LatencyForecaster
 from latency_forecast.scaling import FeatureScaler, TargetNormalizer
 
-# 3: quantile outputs (model.quantiles) and the scaler's fingerprint; 2: a model that reads the
-# latency's history forecasts the change from the latency at t and is explained through a cause model
-FORMAT_VERSION = 3
+# 4: the shipped forecast is a weighted ensemble (ensemble_weights) whose gradient-boosting member is
+# saved beside the checkpoint; 3: quantile outputs and the scaler's fingerprint; 2: a model that reads
+# the latency's history forecasts the change from the latency at t and is explained through a cause model
+FORMAT_VERSION = 4
+GRADIENT_BOOSTING_FILE = "gradient_boosting.skops"  # beside latency_forecaster.pt
 CHECKPOINT_KEYS = (
     "format_version",
     "config",
@@ -37,6 +40,8 @@ CHECKPOINT_KEYS = (
     "state_dict",
     "cause_model_state_dict",
     "scaler_fingerprint",
+    "ensemble_weights",
+    "gradient_boosting",
 )
 
 CAUSE_MODEL_PURPOSE = (
@@ -47,11 +52,13 @@ CAUSE_MODEL_PURPOSE = (
 
 @dataclass
 class Forecast:
-    """The forecaster's outputs in milliseconds for a set of samples (p99 at t+H)."""
+    """The forecaster's outputs in milliseconds for a set of samples (p99 at t+H): the shipped
+    forecast (the ensemble's weighted mean of its members) and each member's own."""
 
-    ms: np.ndarray  # (n,) point forecast
+    ms: np.ndarray  # (n,) shipped point forecast
     quantiles: dict[str, np.ndarray]  # quantile level ("0.9") -> (n,) ms; empty without quantiles
     probability: np.ndarray | None  # (n,) breach probability of a multitask model
+    members: dict[str, np.ndarray]  # member name (ensemble.MEMBERS) -> (n,) its point forecast, ms
 
 
 @dataclass
@@ -94,8 +101,10 @@ class Forecaster:
     # explains the forecasts when the forecaster itself cannot name causes (see fitting.fit_cause_model)
     cause_model: LatencyForecaster | None = None
     background: Background | None = None  # "normal" windows per service, for explanations
-    # the baselines that learn, fitted on the same training samples (not saved in the checkpoint)
+    # the baselines that learn, fitted on the same training samples (members of the ensemble)
     baselines: dict[str, GradientBoostingBaseline] = dataclasses.field(default_factory=dict)
+    # the shipped forecast's weight of each member, fitted on validation (fitting.train)
+    ensemble_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {ensemble.RECURRENT: 1.0})
     # recorded with the model, not needed to run it
     store_config: StoreConfig | None = None
     time_range_config: TimeRangeConfig | None = None
@@ -174,14 +183,30 @@ class Forecaster:
         return PreparedSeries(table, tensors, ends, counts, unknown, service_thresholds)
 
     def predict(self, prepared: PreparedSeries, ends: np.ndarray) -> Forecast:
-        """Forecasts (ms) at t+H for the samples ending at ``ends``."""
+        """Forecasts (ms) at t+H for the samples ending at ``ends``: the shipped forecast and every
+        member's (the recurrent networks, persistence, and each fitted baseline)."""
         predictions = training.predict(self.model, prepared.tensors, ends)
         codes = prepared.tensors.service_codes[torch.as_tensor(ends, device=self.device)].cpu().numpy()
+        recurrent = self.target_normalizer.denormalize(predictions.forecast, codes)
         quantiles = {}
         if predictions.quantiles is not None:
             for name, column in zip(self.model_config.quantile_names, predictions.quantiles.T):
                 quantiles[name] = self.target_normalizer.denormalize(column, codes)
-        return Forecast(self.target_normalizer.denormalize(predictions.forecast, codes), quantiles, predictions.probability)
+        members = {ensemble.RECURRENT: recurrent, "persistence": prepared.table.target[ends].astype(np.float64)}
+        if self.baselines:
+            inputs, all_codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
+            for name, baseline in self.baselines.items():
+                members[name] = baseline.predict(inputs, prepared.table.target, all_codes, ends)
+        if self.ensemble_weights == {ensemble.RECURRENT: 1.0}:
+            return Forecast(recurrent, quantiles, predictions.probability, members)
+        shipped = ensemble.combine(self.ensemble_weights, members)
+        return Forecast(shipped, ensemble.rescale_quantiles(quantiles, recurrent, shipped), predictions.probability, members)
+
+    def saved_members(self) -> dict[str, bytes]:
+        """The files saved beside the checkpoint: the gradient-boosting member's trees (skops)."""
+        if "gradient_boosting" not in self.baselines:
+            return {}
+        return {GRADIENT_BOOSTING_FILE: self.baselines["gradient_boosting"].saved}
 
     def checkpoint(self) -> dict:
         """Plain dict for ``latency_forecaster.pt`` (contract section 4), loadable with ``weights_only=True``."""
@@ -198,11 +223,24 @@ class Forecaster:
             "explain_background": None if self.background is None else self.background.state(),
             "scaler_fingerprint": scaler_fingerprint(self.scaler.state(self.feature_columns)),
             "run_id": self.run_id,
+            "ensemble_weights": dict(self.ensemble_weights),
+            "gradient_boosting": self._gradient_boosting_record(),
         }
 
+    def _gradient_boosting_record(self) -> dict | None:
+        """The gradient-boosting member's settings and the digest of its saved trees (a file from
+        another run is refused, as a scaler from another run is)."""
+        if "gradient_boosting" not in self.baselines:
+            return None
+        member = self.baselines["gradient_boosting"]
+        return {**member.state(), "file": GRADIENT_BOOSTING_FILE, "sha256": hashlib.sha256(member.saved).hexdigest()}
+
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict, scaler_state: dict, device: torch.device, source: str = "the checkpoint") -> "Forecaster":
-        """Rebuild from ``latency_forecaster.pt`` and ``scaler.pt``; the model comes from the saved config."""
+    def from_checkpoint(
+        cls, checkpoint: dict, scaler_state: dict, device: torch.device, source: str = "the checkpoint", saved_members: dict[str, bytes] | None = None
+    ) -> "Forecaster":
+        """Rebuild from ``latency_forecaster.pt``, ``scaler.pt`` and the member files saved beside
+        them (``saved_members``: file name -> bytes); the model comes from the saved config."""
         version = checkpoint.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(
@@ -246,7 +284,8 @@ class Forecaster:
             AlertRule.from_dict(checkpoint["alert"]),
             cause_model,
             Background.from_state(background) if isinstance(background, dict) else None,
-            {},
+            _saved_baselines(checkpoint["gradient_boosting"], saved_members or {}, source),
+            {str(name): float(weight) for name, weight in checkpoint["ensemble_weights"].items()},
             config.from_dict(StoreConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(TimeRangeConfig, settings["store"]) if "store" in settings else None,
             config.from_dict(AlertConfig, settings["alert"]) if "alert" in settings else None,
@@ -261,7 +300,9 @@ class Forecaster:
         missing = [key for key in ("mean", "scale", "feature_columns") if key not in scaler_state]
         if missing:
             raise UserError(f"scaler {scaler_path} lacks {', '.join(missing)}; pass the scaler.pt written beside the checkpoint")
-        return cls.from_checkpoint(checkpoint, scaler_state, device, checkpoint_path)
+        beside = os.path.dirname(os.path.abspath(checkpoint_path))
+        saved = {name: artifacts.read_bytes(os.path.join(beside, name)) for name in (GRADIENT_BOOSTING_FILE,)}
+        return cls.from_checkpoint(checkpoint, scaler_state, device, checkpoint_path, {name: data for name, data in saved.items() if data is not None})
 
     def require_background(self, source: str) -> Background:
         """The explanation background, checked against the model it explains."""
@@ -282,6 +323,23 @@ def scaler_fingerprint(scaler_state: dict) -> str:
     for key in ("mean", "scale"):
         digest.update(scaler_state[key].numpy().astype(np.float64).tobytes())
     return digest.hexdigest()
+
+
+def _saved_baselines(record: dict | None, saved_members: dict[str, bytes], source: str) -> dict[str, GradientBoostingBaseline]:
+    """The gradient-boosting member the checkpoint's ``record`` names, from its saved file."""
+    if record is None:
+        return {}
+    record = dict(record)
+    name, digest = record.pop("file"), record.pop("sha256")
+    saved = saved_members.get(name)
+    if saved is None:
+        raise UserError(f"checkpoint {source} needs {name} beside it (its gradient-boosting member); copy it with the checkpoint or retrain")
+    if hashlib.sha256(saved).hexdigest() != digest:
+        raise UserError(f"{name} was not saved with checkpoint {source} (another train.py run wrote it); use the one written beside it")
+    try:
+        return {"gradient_boosting": GradientBoostingBaseline.from_saved(record, saved)}
+    except UntrustedModelError as error:
+        raise UserError(f"refusing {name} beside checkpoint {source}: {error}; retrain with train.py") from None
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -32,6 +32,12 @@ def training_summary(report: dict, output_dir: str, seconds: float) -> str:
     def row(label: str, model: str, others: list[str]) -> None:
         line(f"{label:30}{model:>12}" + "".join(f"{other:>20}" for other in others))
 
+    weights = report["ensemble"]["weights"]
+    line(
+        "model: the shipped forecast, a weighted mean of its members (weights chosen on validation: "
+        + ", ".join(f"{name} {weight:.2f}" for name, weight in weights.items())
+        + f"); the recurrent networks alone: test MAE {_number(report['members']['recurrent']['test']['mae'])} ms"
+    )
     row("", "model", names)
     for label, key in (("MAE (ms)", "mae"), ("RMSE (ms)", "rmse")):
         row(label, _number(test[key]), [_number(baselines[name][key]) for name in names])

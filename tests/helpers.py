@@ -8,6 +8,7 @@ import ipaddress
 import json
 import math
 import os
+import pathlib
 import re
 import subprocess
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ def reload(directory: str, drop_cause_model: bool = False) -> Forecaster:
     if drop_cause_model:
         checkpoint["cause_model_state_dict"] = None
     scaler = torch.load(f"{directory}/scaler.pt", map_location="cpu", weights_only=True)
-    return Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
+    members = {path.name: path.read_bytes() for path in pathlib.Path(directory).glob("*.skops")}
+    return Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"), saved_members=members)
 
 
 def split_range(split: dict[str, str]) -> TimeRange:
@@ -272,6 +274,7 @@ def hand_evaluation(
         "alert_threshold": np.broadcast_to(np.asarray(alert_threshold, dtype=np.float64), (n,)).copy(),
         "baselines": {"persistence": actual.copy() if persistence is None else np.asarray(persistence, dtype=np.float64)},
         "quantiles": quantiles or {},
+        "recurrent": forecast,
     }
     names = {field.name for field in dataclasses.fields(evaluation.Evaluation)}
     return evaluation.Evaluation(**{name: value for name, value in values.items() if name in names})

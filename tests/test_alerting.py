@@ -63,7 +63,7 @@ def _forecast(ms, probability=None, quantiles=None):
     """The forecaster's outputs for hand-made samples."""
     from latency_forecast.forecaster import Forecast
 
-    return Forecast(np.asarray(ms, dtype=np.float64), quantiles or {}, probability)
+    return Forecast(np.asarray(ms, dtype=np.float64), quantiles or {}, probability, {})
 
 
 def test_rule_scores_by_hand():

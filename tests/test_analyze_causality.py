@@ -4,6 +4,7 @@ every bad input it must turn into exit status 2."""
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ import train
 from latency_forecast.background import Background, build_background
 from latency_forecast import artifacts, causality, data, store, synthetic
 from latency_forecast.alerting import AlertRule
-from latency_forecast.forecaster import Forecaster
-from tests.helpers import TINY_TRAINING, hand_frame, write_frame
+from latency_forecast.forecaster import GRADIENT_BOOSTING_FILE
+from tests.helpers import TINY_TRAINING, hand_frame, reload, write_frame
 
 HORIZON = 2  # TINY_TRAINING's
 
@@ -37,7 +38,7 @@ def alerting(trained, tmp_path_factory, tiny_store):
     """The trained model with its latency threshold at payment's median forecast, so that the tiny
     model's alerts and breaches overlap (the threshold does not touch the weights)."""
     checkpoint = torch.load(f"{trained}/latency_forecaster.pt", weights_only=True)
-    forecaster = Forecaster.from_checkpoint(checkpoint, torch.load(f"{trained}/scaler.pt", weights_only=True), torch.device("cpu"))
+    forecaster = reload(trained)
     table = store.load_feature_store(tiny_store, forecaster.feature_columns)
     prepared = forecaster.prepare(table)
     payment = prepared.ends[table.service_codes[prepared.ends] == table.services.index("payment")]
@@ -47,6 +48,7 @@ def alerting(trained, tmp_path_factory, tiny_store):
     out = tmp_path_factory.mktemp("alerting")
     torch.save(checkpoint, out / "latency_forecaster.pt")
     torch.save(torch.load(f"{trained}/scaler.pt", weights_only=True), out / "scaler.pt")
+    shutil.copy(f"{trained}/{GRADIENT_BOOSTING_FILE}", out)  # the ensemble's trees travel with the checkpoint
     return str(out)
 
 
@@ -86,7 +88,7 @@ def test_train_writes_feature_importance(trained):
 def test_checkpoint_background_is_the_training_split_summary(trained, tiny_store):
     checkpoint = artifacts.load_torch(f"{trained}/latency_forecaster.pt", "checkpoint", "--model-checkpoint")
     saved = Background.from_state(checkpoint["explain_background"])
-    forecaster = Forecaster.from_checkpoint(checkpoint, artifacts.load_torch(f"{trained}/scaler.pt", "scaler", "--scaler-path"), torch.device("cpu"))
+    forecaster = reload(trained)
     table = store.load_feature_store(tiny_store, forecaster.feature_columns)
     settings = forecaster.data_config
     splits = data.fraction_splits(table, settings.validation_fraction, settings.test_fraction, settings.embargo)
@@ -150,9 +152,7 @@ def test_event_order_predicted_explains_the_highest_forecasts(alerting, tiny_sto
     report = json.loads(output.read_text())
     assert "validation" not in report, "no manifest, no scoring"
     # every event's first minute, computed independently of the script
-    forecaster = Forecaster.from_checkpoint(
-        artifacts.load_torch(f"{alerting}/latency_forecaster.pt", "checkpoint", "--model-checkpoint"), artifacts.load_torch(f"{alerting}/scaler.pt", "scaler", "--scaler-path"), torch.device("cpu")
-    )
+    forecaster = reload(alerting)
     prepared = forecaster.prepare(store.load_feature_store(tiny_store, forecaster.feature_columns))
     everything = data.TimeRange(int(prepared.table.minutes.min()), int(prepared.table.minutes.max()) + 1)
     forecasts = causality.forecasts_in(forecaster, prepared, everything)
@@ -201,6 +201,8 @@ def test_bad_artifacts_exit_2(capsys, trained, tiny_store, tmp_path):
     def save(name, value):
         torch.save(value, tmp_path / name)
         return str(tmp_path / name)
+
+    shutil.copy(f"{trained}/{GRADIENT_BOOSTING_FILE}", tmp_path)  # beside every checkpoint saved here
 
     def run(checkpoint_path, scaler_path, store=tiny_store):
         return analyze_causality.main(

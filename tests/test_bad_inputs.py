@@ -6,6 +6,8 @@ The scripts are called in-process through ``main(argv)``; every case fails befor
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import pickle
@@ -16,6 +18,7 @@ from typing import Callable
 
 import pandas as pd
 import pytest
+import skops.io
 import torch
 
 import analyze_causality
@@ -71,6 +74,10 @@ class Workspace:
 
     def save(self, name: str, value) -> str:
         torch.save(value, self.path(name))
+        record = value.get("gradient_boosting") if isinstance(value, dict) else None
+        trees = os.path.join(self.trained, record["file"]) if record else None
+        if trees and not os.path.exists(self.path(record["file"])) and hashlib.sha256(open(trees, "rb").read()).hexdigest() == record["sha256"]:
+            shutil.copy(trees, self.directory)  # a checkpoint travels with its ensemble's trees
         return self.path(name)
 
     def checkpoint(self) -> dict:
@@ -233,6 +240,29 @@ def _malicious_checkpoint(w: Workspace) -> str:
     return w.save("malicious.pt", {**w.checkpoint(), "config": Payload(w.marker)})
 
 
+def _beside_a_copy(w: Workspace, saved_trees: bytes | None, digest_of: bytes | None = None) -> str:
+    """A copy of the checkpoint in the case's directory with ``saved_trees`` beside it as its
+    gradient-boosting member (none when None); its recorded digest is that of ``digest_of``
+    (default: of ``saved_trees``, as an attacker who rewrites both would write it)."""
+    checkpoint = w.checkpoint()
+    record = dict(checkpoint["gradient_boosting"])
+    if saved_trees is not None:
+        with open(w.path(record["file"]), "wb") as stream:
+            stream.write(saved_trees)
+    record["sha256"] = hashlib.sha256(digest_of if digest_of is not None else saved_trees or b"").hexdigest()
+    return w.save(CHECKPOINT, {**checkpoint, "gradient_boosting": record})
+
+
+def _malicious_trees(w: Workspace) -> str:
+    """A skops file that would call ``os.system`` when rebuilt, beside a checkpoint that vouches for it."""
+    return _beside_a_copy(w, skops.io.dumps(functools.partial(os.system, f"touch {shlex.quote(str(w.marker))}")))
+
+
+def _trees_of_another_run(w: Workspace) -> str:
+    trees = open(f"{w.trained}/gradient_boosting.skops", "rb").read()
+    return _beside_a_copy(w, trees, digest_of=trees + b"another run")
+
+
 def _malicious_legacy_pickle(w: Workspace) -> str:
     """A plain pickle (torch's legacy, non-zip format) that runs its payload when loaded."""
     with open(w.path("legacy.pt"), "wb") as stream:
@@ -251,7 +281,7 @@ REFUSED_PICKLE = ("cannot load", "UnpicklingError", "pass a file written by trai
 CHECKPOINT_CASES = [
     pytest.param(
         lambda w: ["--model-checkpoint", w.save("v2.pt", {**w.checkpoint(), "format_version": 2})],
-        ("has format_version 2, this version reads 3", "retrain it with train.py"),
+        ("has format_version 2, this version reads 4", "retrain it with train.py"),
         id="checkpoint-of-another-format-version",
     ),
     pytest.param(
@@ -280,6 +310,21 @@ CHECKPOINT_CASES = [
         id="checkpoint-features-missing-from-the-store",
     ),
     pytest.param(lambda w: ["--model-checkpoint", _malicious_checkpoint(w)], REFUSED_PICKLE, id="malicious-checkpoint"),
+    pytest.param(
+        lambda w: ["--model-checkpoint", _malicious_trees(w)],
+        ("refusing gradient_boosting.skops", "types this toolkit does not trust: posix.system", "retrain with train.py"),
+        id="malicious-gradient-boosting-member",
+    ),
+    pytest.param(
+        lambda w: ["--model-checkpoint", _beside_a_copy(w, None)],
+        ("needs gradient_boosting.skops beside it", "copy it with the checkpoint or retrain"),
+        id="gradient-boosting-member-missing",
+    ),
+    pytest.param(
+        lambda w: ["--model-checkpoint", _trees_of_another_run(w)],
+        ("gradient_boosting.skops was not saved with checkpoint", "use the one written beside it"),
+        id="gradient-boosting-member-of-another-run",
+    ),
     pytest.param(lambda w: ["--model-checkpoint", _malicious_legacy_pickle(w)], REFUSED_PICKLE, id="malicious-legacy-pickle"),
     pytest.param(
         lambda w: ["--scaler-path", w.save("malicious_scaler.pt", {**w.scaler(), "mean": Payload(w.marker)})],
@@ -287,6 +332,14 @@ CHECKPOINT_CASES = [
         id="malicious-scaler",
     ),
 ]
+
+
+def test_the_malicious_trees_would_run_code_if_trusted(workspace):
+    """The skops payload is real: trusted blindly, rebuilding it returns the call that runs code."""
+    path = os.path.join(os.path.dirname(_malicious_trees(workspace)), "gradient_boosting.skops")
+    data = open(path, "rb").read()
+    skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))()
+    assert workspace.marker.exists()
 
 
 def test_the_malicious_pickle_would_run_code(workspace):

@@ -56,7 +56,7 @@ def test_another_alert_rule_changes_the_alerts_only():
 
 def test_per_service_by_hand():
     report = evaluation.per_service(_hand(), ["a", "b"])
-    assert list(report) == ["a", "b"] and set(report["a"]) == {"model", "persistence"}
+    assert list(report) == ["a", "b"] and set(report["a"]) == {"model", "recurrent", "persistence"}
     a, b = report["a"]["model"], report["b"]["model"]
     assert (a["n_samples"], a["true_positives"], a["false_positives"], a["false_negatives"], a["mae"]) == (4, 1, 1, 1, 105.0)
     assert (b["n_samples"], b["true_positives"], b["false_negatives"], b["mae"]) == (3, 1, 1, 15.0)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import backtest
-from latency_forecast import backtesting
+from latency_forecast import ray_folds
 from latency_forecast.errors import UserError
 from tests.helpers import TINY_TRAINING
 
@@ -46,12 +46,12 @@ def test_ray_tasks_give_the_same_folds_as_one_job(tiny_store, tmp_path, monkeypa
 
 
 def test_ray_task_options_share_cpus_and_gpus():
-    assert backtesting.ray_task_options(0, 2, 3, "auto") == {"num_cpus": 3, "num_gpus": 0}
-    assert backtesting.ray_task_options(4, 2, 3, "cpu") == {"num_cpus": 3, "num_gpus": 0}
-    assert backtesting.ray_task_options(1, 3, 1, "auto") == {"num_cpus": 1, "num_gpus": 0.3333}
-    assert backtesting.ray_task_options(8, 2, 0, "cuda") == {"num_cpus": 1, "num_gpus": 1.0}
+    assert ray_folds.ray_task_options(0, 2, 3, "auto") == {"num_cpus": 3, "num_gpus": 0}
+    assert ray_folds.ray_task_options(4, 2, 3, "cpu") == {"num_cpus": 3, "num_gpus": 0}
+    assert ray_folds.ray_task_options(1, 3, 1, "auto") == {"num_cpus": 1, "num_gpus": 0.3333}
+    assert ray_folds.ray_task_options(8, 2, 0, "cuda") == {"num_cpus": 1, "num_gpus": 1.0}
     with pytest.raises(UserError, match="no GPU"):
-        backtesting.ray_task_options(0, 2, 1, "cuda")
+        ray_folds.ray_task_options(0, 2, 1, "cuda")
 
 
 def _one_line_error(capsys, argv, message):
@@ -75,15 +75,15 @@ def test_ray_address_without_executor_ray_exits_2(capsys, tiny_store, tmp_path):
 
 LOOPBACK_PROBE = """
 import json, os
-from latency_forecast import backtesting
+from latency_forecast import ray_folds
 from tests.helpers import listening_addresses
 
 def worker_pid():
     return os.getpid()
 
 if __name__ == "__main__":  # Ray's workers load the driver's code too
-    ray = backtesting.import_ray(local=True)
-    with backtesting.ray_session(ray, None, 1, "cpu"):
+    ray = ray_folds.import_ray(local=True)
+    with ray_folds.ray_session(ray, None, 1, "cpu"):
         assert ray.get(ray.remote(worker_pid).remote()) != os.getpid()  # a worker is up, with its own server
         print(json.dumps(listening_addresses(os.getpid())))
 """
@@ -93,7 +93,7 @@ if __name__ == "__main__":  # Ray's workers load the driver's code too
 def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     # A fresh interpreter: the choice is made when ray is first imported. Without it Ray binds
     # its GCS, raylet and workers on every interface (ss -ltn shows *:PORT).
-    environment = {key: value for key, value in os.environ.items() if key != backtesting.SINGLE_NODE_ENV}
+    environment = {key: value for key, value in os.environ.items() if key != ray_folds.SINGLE_NODE_ENV}
     environment.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPOSITORY)
     script = tmp_path / "probe.py"
     script.write_text(LOOPBACK_PROBE)

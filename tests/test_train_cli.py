@@ -39,6 +39,7 @@ def test_writes_every_contract_artifact(trained_dir):
         "feature_importance.json",
         "feature_importance.png",
         "forecast_vs_actual.png",
+        "gradient_boosting.skops",
         "latency_forecaster.pt",
         "loss_curve.png",
         "metrics.json",
