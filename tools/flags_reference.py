@@ -1,6 +1,6 @@
 r"""Build docs/flags.md, the full flag reference, from the scripts' own argparse parsers.
 
-The parsers are built from the config dataclasses (latency_forecast/config.py), so the reference
+The parsers are built from the config dataclasses (latency_forecast/config.py and script_config.py), so the reference
 says what ``--help`` says: one section per script, one table per argument group.
 
 Example:
@@ -114,7 +114,7 @@ def render(scripts: Sequence[str] = SCRIPTS) -> str:
         "# Flag reference",
         "",
         "Every flag of every script, with its default, its choices and its help text, as `--help` gives them. "
-        "The defaults live in the settings dataclasses of `latency_forecast/config.py`.",
+        "The defaults live in the settings dataclasses of `latency_forecast/config.py` (training and the shared settings) and `latency_forecast/script_config.py` (the other scripts').",
         "",
         *(f"- [`{command(name)}`](#{re.sub(r'[^a-z0-9_ -]', '', command(name).lower()).replace(' ', '-')})" for name in scripts),
         "",
