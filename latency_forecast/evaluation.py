@@ -16,7 +16,7 @@ from latency_forecast.alerting import AlertRule
 from latency_forecast.baselines import GradientBoostingBaseline
 from latency_forecast.config import AlertConfig, BaselineConfig
 from latency_forecast.ensemble import RECURRENT
-from latency_forecast.forecaster import Forecaster, PreparedSeries
+from latency_forecast.forecaster import Forecast, Forecaster, PreparedSeries
 
 
 @dataclass
@@ -117,13 +117,14 @@ def fit_baselines(
     return fitted
 
 
-def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray) -> Evaluation:
+def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, members: Forecast | None = None) -> Evaluation:
     """Model and baselines (persistence and the forecaster's fitted ones) on exactly the same
-    samples, each service at its own threshold, alerts by the forecaster's alert rule."""
+    samples, each service at its own threshold, alerts by the forecaster's alert rule.
+    ``members``: these samples' ``forecaster.predict_members`` when the caller has it already."""
     horizon = forecaster.data_config.horizon
     table = prepared.table
     threshold = prepared.latency_threshold(ends)
-    forecast = forecaster.predict(prepared, ends)
+    forecast = forecaster.predict(prepared, ends) if members is None else forecaster.ship(members)
     baselines = {name: forecast.members[name] for name in ("persistence", *forecaster.baselines)}
     return Evaluation(
         ends,
@@ -141,12 +142,12 @@ def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray)
 
 
 def calibrated_evaluation(
-    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig
+    forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray, alert_config: AlertConfig, members: Forecast | None = None
 ) -> tuple[Evaluation, AlertRule]:
     """Evaluate on ``ends`` (never test samples), calibrate the alert rule there, and return that
     evaluation under the calibrated rule, with the rule (the forecaster is not changed)."""
     uncalibrated = AlertRule.uncalibrated(forecaster.model_config, alert_config)
-    evaluation = evaluate(dataclasses.replace(forecaster, alert=uncalibrated), prepared, ends)
+    evaluation = evaluate(dataclasses.replace(forecaster, alert=uncalibrated), prepared, ends, members)
     rule = alerting.calibrate(
         evaluation.score, evaluation.breach, evaluation.service_codes, prepared.table.services, uncalibrated, alert_config
     )

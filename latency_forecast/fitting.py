@@ -155,10 +155,13 @@ def train(
     with threadpool_limits(limits=settings.training.num_threads or None):
         baselines = evaluation.fit_baselines(untrained, prepared, samples["train"], settings.baseline)
     fitted = dataclasses.replace(untrained, baselines=baselines)
+    members = fitted.predict_members(prepared, samples["validation"])  # read once: weighed, then calibrated on
     if settings.model.ensemble == "greedy":
-        fitted = dataclasses.replace(fitted, ensemble_weights=_ensemble_weights(fitted, prepared, samples["validation"]))
+        actual = prepared.table.target[samples["validation"] + settings.data.horizon]
+        weights = ensemble.select_weights({name: members.members[name] for name in ensemble.MEMBERS if name in members.members}, actual)
+        fitted = dataclasses.replace(fitted, ensemble_weights=weights)
     # the operating point is chosen on validation; a test split only measures it
-    validation, rule = evaluation.calibrated_evaluation(fitted, prepared, samples["validation"], settings.alert)
+    validation, rule = evaluation.calibrated_evaluation(fitted, prepared, samples["validation"], settings.alert, members)
     explanation_background = None
     if settings.importance is not None:
         explanation_background = background.build_background(
@@ -169,13 +172,6 @@ def train(
         store_config=settings.store, time_range_config=settings.time_range, alert_config=settings.alert, run_id=run_id,
     )
     return Trained(forecaster, prepared, samples, validation, history, cause_history)
-
-
-def _ensemble_weights(forecaster: Forecaster, prepared: PreparedSeries, validation_ends: np.ndarray) -> dict[str, float]:
-    """Greedy ensemble selection of the forecaster's members on the validation samples."""
-    members = forecaster.predict(prepared, validation_ends).members
-    actual = prepared.table.target[validation_ends + forecaster.data_config.horizon]
-    return ensemble.select_weights({name: members[name] for name in ensemble.MEMBERS if name in members}, actual)
 
 
 def untrained_forecaster(table: SeriesTable, fit_range: TimeRange, settings: Settings) -> Forecaster:

@@ -185,6 +185,11 @@ class Forecaster:
     def predict(self, prepared: PreparedSeries, ends: np.ndarray) -> Forecast:
         """Forecasts (ms) at t+H for the samples ending at ``ends``: the shipped forecast and every
         member's (the recurrent networks, persistence, and each fitted baseline)."""
+        return self.ship(self.predict_members(prepared, ends))
+
+    def predict_members(self, prepared: PreparedSeries, ends: np.ndarray) -> Forecast:
+        """Every member's forecast for the samples ending at ``ends``, the recurrent networks' as
+        the point forecast and quantiles: what :meth:`ship` weighs (under any weights)."""
         predictions = training.predict(self.model, prepared.tensors, ends)
         codes = prepared.tensors.service_codes[torch.as_tensor(ends, device=self.device)].cpu().numpy()
         recurrent = self.target_normalizer.denormalize(predictions.forecast, codes)
@@ -197,10 +202,16 @@ class Forecaster:
             inputs, all_codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
             for name, baseline in self.baselines.items():
                 members[name] = baseline.predict(inputs, prepared.table.target, all_codes, ends)
+        return Forecast(recurrent, quantiles, predictions.probability, members)
+
+    def ship(self, members: Forecast) -> Forecast:
+        """The shipped forecast from :meth:`predict_members`' output: the members weighted by
+        ``ensemble_weights``, the networks' quantile band carried to it."""
         if self.ensemble_weights == {ensemble.RECURRENT: 1.0}:
-            return Forecast(recurrent, quantiles, predictions.probability, members)
-        shipped = ensemble.combine(self.ensemble_weights, members)
-        return Forecast(shipped, ensemble.rescale_quantiles(quantiles, recurrent, shipped), predictions.probability, members)
+            return members
+        recurrent = members.members[ensemble.RECURRENT]
+        shipped = ensemble.combine(self.ensemble_weights, members.members)
+        return Forecast(shipped, ensemble.rescale_quantiles(members.quantiles, recurrent, shipped), members.probability, members.members)
 
     def saved_members(self) -> dict[str, bytes]:
         """The files saved beside the checkpoint: the gradient-boosting member's trees (skops)."""
