@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STORE ?= feature_store
 ARTIFACTS ?= artifacts
 
-.PHONY: demo test docs bench setup clean
+.PHONY: demo test docs bench setup clean live
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ray.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(STORE)/chaos_manifest.json: | $(VENV)/.installed
 
 demo: $(VENV)/.installed $(STORE)/chaos_manifest.json
 	$(PY) train.py --feature-store-path $(STORE) --output-dir $(ARTIFACTS)
+
+# a demo store ending now, a model (make demo's when there is one), forecast.py every minute into
+# $(LIVE_TEXTFILE_DIR) for node_exporter's textfile collector (docs/operations.md#the-live-demo-make-live)
+LIVE_DIR ?= live
+LIVE_TEXTFILE_DIR ?= $(LIVE_DIR)/textfile
+live: $(VENV)/.installed
+	$(PY) -m tools.live --directory $(LIVE_DIR) --textfile-directory $(LIVE_TEXTFILE_DIR) --model-dir $(ARTIFACTS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -11,7 +11,7 @@ import numpy as np
 
 from latency_forecast import data, explain
 from latency_forecast.causality import rank_features
-from latency_forecast.config import ExplainConfig
+from latency_forecast.config import TARGET_COLUMN, ExplainConfig
 from latency_forecast.data import SeriesTable, format_minute
 from latency_forecast.forecaster import Forecaster, PreparedSeries
 
@@ -159,7 +159,10 @@ def _add_causes(
     )
     for values, i in zip(attributions.values, np.flatnonzero(alert)):
         scores = dict(zip(forecaster.feature_columns, values.tolist()))
+        # a share of what the features that can be a cause (not the latency's own history) push in all
+        total = sum(abs(score) for name, score in scores.items() if name != TARGET_COLUMN)
         entries[ok[i]]["causes"] = [
-            {"feature": name, "score": scores[name]} for name in rank_features(values, forecaster.feature_columns)[:TOP_CAUSES]
+            {"feature": name, "score": scores[name], "share": scores[name] / total if total > 0 else 0.0}
+            for name in rank_features(values, forecaster.feature_columns)[:TOP_CAUSES]
         ]
     return attributions.method

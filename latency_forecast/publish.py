@@ -9,8 +9,10 @@ import contextlib
 import errno
 import http.client
 import json
+import math
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -39,88 +41,132 @@ def _seconds(milliseconds: float | None) -> float | None:
     return None if milliseconds is None else milliseconds / 1000.0
 
 
-def _registry(report: dict) -> CollectorRegistry:
+def _alert_on(report: dict) -> str | None:
+    """What the alert rule compares with its threshold in latency terms: ``"forecast"`` (the point
+    forecast) or a quantile level such as ``"0.9"``; None for a breach-probability rule."""
+    rule = report.get("alert_rule") or {}
+    if rule.get("score") == "quantile_ratio":
+        return rule["quantile"]
+    return None if rule.get("score") == "probability" else "forecast"
+
+
+def _alert_threshold_ms(forecast: dict, alert_on: str | None) -> float | None:
+    """The latency the alerted forecast must reach for the alert to fire: the calibrated threshold
+    times the service's latency threshold (None for a breach-probability rule)."""
+    if alert_on is None or forecast.get("threshold") is None:
+        return None
+    return forecast["threshold"] * forecast["latency_threshold_ms"]
+
+
+def score_ratio(forecast: dict) -> float:
+    """The alert score over the service's alert threshold: the alert fires at 1 or more.
+
+    A service that never alerts (threshold +inf) is 0; a threshold of 0 or less, which every
+    score reaches, gives +inf.
+    """
+    score, threshold = forecast["score"], forecast["threshold"]
+    if math.isinf(threshold):
+        return 0.0 if threshold > 0 else math.inf
+    return score / threshold if threshold > 0 else math.inf
+
+
+def _registry(report: dict, last_run_time: float) -> CollectorRegistry:
     registry = CollectorRegistry()
-    by_service = ("service",)
     by_horizon = ("service", "horizon_minutes")
 
-    def gauge(name: str, documentation: str, labels: tuple[str, ...]) -> Gauge:
+    def gauge(name: str, documentation: str, labels: tuple[str, ...] = by_horizon) -> Gauge:
         return Gauge(name, documentation, labels, registry=registry)
 
-    p99 = gauge(
+    point = gauge(
         "latency_forecast_p99_seconds",
-        "Forecast p99 latency of the service horizon_minutes after as_of; "
-        'quantile="point" is the point forecast, a number is the forecast quantile at that level.',
-        (*by_horizon, "quantile"),
+        "Point forecast of the service's p99 latency horizon_minutes after its as_of minute.",
     )
-    current = gauge("latency_forecast_current_p99_seconds", "p99 latency observed in the service's newest minute (as_of).", by_service)
+    quantile = gauge(
+        "latency_forecast_p99_quantile_seconds",
+        "Forecast quantile, at probability level, of the service's p99 latency horizon_minutes after its as_of minute.",
+        (*by_horizon, "level"),
+    )
+    current = gauge("latency_forecast_current_p99_seconds", "p99 latency observed in the service's as_of minute.")
     latency_threshold = gauge(
-        "latency_forecast_latency_threshold_seconds", "p99 latency at or above which the service is in breach.", by_service
+        "latency_forecast_latency_threshold_seconds", "p99 latency at or above which the service is in breach (its SLO)."
+    )
+    alert_threshold = gauge(
+        "latency_forecast_alert_threshold_seconds",
+        "Calibrated alert threshold: the alert fires when the forecast named by alert_on (forecast: the point "
+        "forecast, a level: that quantile) reaches it; calibrated to a target false positive rate, it can sit below the SLO.",
+        (*by_horizon, "alert_on"),
     )
     alert = gauge(
         "latency_forecast_alert",
-        "1 when a latency breach is forecast horizon_minutes ahead (alert score >= its threshold), else 0.",
-        by_horizon,
+        "1 when the forecast crossed the service's calibrated alert threshold (alert score ratio >= 1), else 0.",
     )
-    score = gauge(
-        "latency_forecast_alert_score",
-        "Alert score of the forecast; the alert fires when it reaches latency_forecast_alert_score_threshold.",
-        by_horizon,
+    ratio = gauge(
+        "latency_forecast_alert_score_ratio",
+        "Alert score over the service's calibrated alert threshold; the alert fires at 1 or more (0: the service never alerts).",
     )
-    score_threshold = gauge(
-        "latency_forecast_alert_score_threshold", "Alert score at or above which the forecast alert fires.", by_horizon
+    cause = gauge(
+        "latency_forecast_cause_share",
+        "Top causes of an alerting forecast (rank 1 first): the feature's Shapley value over the sum of the absolute "
+        "Shapley values of every feature but the latency's own history.",
+        (*by_horizon, "feature", "rank"),
     )
     as_of = gauge(
         "latency_forecast_as_of_timestamp_seconds",
-        "Unix time of the newest minute the service's forecast is made from (for a stale service, its newest minute).",
-        by_service,
+        "Unix time of the newest minute of data the service's forecast is made from (for a stale or gap service, its newest minute).",
     )
     status = gauge(
         "latency_forecast_status",
         "1 for the service's forecast status, 0 for the others: ok, or why there is no forecast "
         "(stale, gap, unknown_service, missing).",
-        ("service", "status"),
+        (*by_horizon, "status"),
+    )
+    last_run = gauge(
+        "latency_forecast_last_run_timestamp_seconds", "Unix time at which forecast.py wrote this file.", ("horizon_minutes",)
     )
 
     horizon = str(report["horizon"])
+    last_run.labels(horizon).set(last_run_time)
+    alert_on = _alert_on(report)
     for forecast in report["forecasts"]:
-        service = forecast["service"]
+        labels = (forecast["service"], horizon)
         for name in dict.fromkeys((*STATUSES, forecast["status"])):
-            status.labels(service, name).set(1.0 if name == forecast["status"] else 0.0)
+            status.labels(*labels, name).set(1.0 if name == forecast["status"] else 0.0)
         if forecast.get("as_of") is not None:
-            as_of.labels(service).set(parse_timestamp(forecast["as_of"], "as_of").timestamp())
+            as_of.labels(*labels).set(parse_timestamp(forecast["as_of"], "as_of").timestamp())
         if forecast["status"] != "ok":
             continue
-        levels = {"point": forecast.get("forecast_ms"), **(forecast.get("quantiles") or {})}
-        for level, value in levels.items():
+        point.labels(*labels).set(_seconds(forecast["forecast_ms"]))
+        for level, value in (forecast.get("quantiles") or {}).items():
             if value is not None:
-                p99.labels(service, horizon, level).set(_seconds(value))
-        for metric, key, labels in (
-            (current, "current_latency_ms", (service,)),
-            (latency_threshold, "latency_threshold_ms", (service,)),
-        ):
+                quantile.labels(*labels, level).set(_seconds(value))
+        for metric, key in ((current, "current_latency_ms"), (latency_threshold, "latency_threshold_ms")):
             if forecast.get(key) is not None:
                 metric.labels(*labels).set(_seconds(forecast[key]))
-        alert.labels(service, horizon).set(1.0 if forecast.get("alert") else 0.0)
-        for metric, key in ((score, "score"), (score_threshold, "threshold")):
-            if forecast.get(key) is not None:
-                metric.labels(service, horizon).set(forecast[key])
+        threshold_ms = _alert_threshold_ms(forecast, alert_on)
+        if threshold_ms is not None:
+            alert_threshold.labels(*labels, alert_on).set(_seconds(threshold_ms))
+        alert.labels(*labels).set(1.0 if forecast["alert"] else 0.0)
+        ratio.labels(*labels).set(score_ratio(forecast))
+        for rank, item in enumerate(forecast.get("causes") or [], start=1):
+            cause.labels(*labels, item["feature"], str(rank)).set(item["share"])
     return registry
 
 
-def write_prometheus_textfile(report: dict, path: str) -> None:
+def write_prometheus_textfile(report: dict, path: str, last_run: float | None = None) -> None:
     """Write the report's gauges to ``path`` for node_exporter's textfile collector, atomically.
 
     Only ``ok`` forecasts get the forecast gauges; every service gets ``latency_forecast_status``
-    (and ``latency_forecast_as_of_timestamp_seconds`` where it has an ``as_of``). Latencies are in
-    seconds. node_exporter reads only files whose name ends in ``.prom``.
+    (and ``latency_forecast_as_of_timestamp_seconds`` where it has an ``as_of``), and the file
+    ``latency_forecast_last_run_timestamp_seconds``: ``last_run`` (Unix time, default now), so
+    that rules can tell a fresh forecast from a file left behind. Latencies are in seconds.
+    node_exporter reads only files whose name ends in ``.prom``.
 
     Raises
     ------
     UserError
         The file cannot be written (missing directory, no permission, a directory at ``path``).
     """
-    registry = _registry(report)
+    registry = _registry(report, time.time() if last_run is None else last_run)
     try:
         write_to_textfile(path, registry)
     except OSError as error:
@@ -143,17 +189,21 @@ def _milliseconds(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _summary(forecast: dict, horizon: int) -> str:
-    """One line: ``auth p99 forecast 812 ms at 10:03Z >= 500 ms threshold (in 3 min)``."""
-    target = parse_timestamp(forecast["target_time"], "target_time").strftime("%H:%MZ")
-    head = f"{forecast['service']} p99 forecast {_milliseconds(forecast['forecast_ms'])} ms at {target}"
-    threshold = forecast["latency_threshold_ms"]
-    if forecast["forecast_ms"] >= threshold:
-        return f"{head} >= {_milliseconds(threshold)} ms threshold (in {horizon} min)"
-    # a calibrated alert threshold can fire below the latency threshold
+def _alerted(forecast: dict, alert_on: str | None) -> str:
+    """``0.9 quantile 1200 ms >= 600 ms``: what crossed which threshold."""
+    if alert_on is None:
+        return f"breach probability {forecast['score']:.2f} >= {forecast['threshold']:.2f}"
+    value = forecast["forecast_ms"] if alert_on == "forecast" else forecast["quantiles"][alert_on]
+    name = "forecast" if alert_on == "forecast" else f"{alert_on} quantile"
+    return f"{name} {_milliseconds(value)} ms >= {_milliseconds(_alert_threshold_ms(forecast, alert_on))} ms"
+
+
+def _summary(forecast: dict, horizon: int, alert_on: str | None) -> str:
+    """One line, the rule file's summary with numbers: ``auth: p99 latency forecast 3 min ahead
+    crossed its calibrated alert threshold (0.9 quantile 1200 ms >= 600 ms; SLO 500 ms)``."""
     return (
-        f"{head}, alert score {forecast['score']:.2f} >= {forecast['threshold']:.2f} "
-        f"({_milliseconds(threshold)} ms threshold, in {horizon} min)"
+        f"{forecast['service']}: p99 latency forecast {horizon} min ahead crossed its calibrated alert threshold "
+        f"({_alerted(forecast, alert_on)}; SLO {_milliseconds(forecast['latency_threshold_ms'])} ms)"
     )
 
 
@@ -167,15 +217,16 @@ def _description(forecast: dict, horizon: int) -> str:
     if forecast.get("current_latency_ms") is not None:
         lines.append(f"Current p99: {_milliseconds(forecast['current_latency_ms'])} ms.")
     lines.append(
-        f"Latency threshold: {_milliseconds(forecast['latency_threshold_ms'])} ms. "
-        f"Alert score {forecast['score']:.2f} >= threshold {forecast['threshold']:.2f}."
+        f"Alert score {score_ratio(forecast):.2f} times its threshold. The threshold is calibrated on validation to a "
+        f"target false positive rate and can sit below the {_milliseconds(forecast['latency_threshold_ms'])} ms SLO: "
+        "an early warning, not a breach yet."
     )
     causes = forecast.get("causes") or []
     if causes:
         top, *others = causes
-        line = f"Top cause: {top['feature']} ({top['score']:+.1f} ms Shapley value)"
+        line = f"Top cause: {top['feature']} ({top['score']:+.1f} ms Shapley value, {top['share']:.0%})"
         if others:
-            line += "; then " + ", ".join(f"{cause['feature']} ({cause['score']:+.1f} ms)" for cause in others)
+            line += "; then " + ", ".join(f"{cause['feature']} ({cause['score']:+.1f} ms, {cause['share']:.0%})" for cause in others)
         lines.append(line + ".")
     return "\n".join(lines)
 
@@ -183,9 +234,12 @@ def _description(forecast: dict, horizon: int) -> str:
 def alertmanager_alerts(report: dict, now: datetime, resolve_after: timedelta, severity: str) -> list[dict[str, Any]]:
     """The report's firing forecasts (``alert`` true, status ``ok``) as Alertmanager v2 postable alerts.
 
+    Their labels are those of the rule file's ``LatencyBreachForecast`` (``alertname``, ``service``,
+    ``horizon_minutes``, ``severity``), so Alertmanager takes both paths' alerts for one.
+
     ``endsAt`` is ``now + resolve_after``: an alert that is not posted again resolves by itself.
     """
-    horizon = int(report["horizon"])
+    horizon, alert_on = int(report["horizon"]), _alert_on(report)
     ends_at = format_timestamp(now + resolve_after)
     return [
         {
@@ -195,7 +249,7 @@ def alertmanager_alerts(report: dict, now: datetime, resolve_after: timedelta, s
                 "severity": severity,
                 "horizon_minutes": str(horizon),
             },
-            "annotations": {"summary": _summary(forecast, horizon), "description": _description(forecast, horizon)},
+            "annotations": {"summary": _summary(forecast, horizon, alert_on), "description": _description(forecast, horizon)},
             "startsAt": format_timestamp(parse_timestamp(forecast["as_of"], "as_of").to_pydatetime()),
             "endsAt": ends_at,
         }

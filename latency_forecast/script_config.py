@@ -56,7 +56,9 @@ class ForecastConfig:
     )
     output: str = setting("artifacts/forecasts.json", "path of forecasts.json")
     prometheus_textfile: str | None = setting(
-        None, "also write the forecasts in Prometheus' text format here, for node_exporter's textfile collector (a *.prom file)"
+        None,
+        "also write the forecasts as Prometheus gauges here, a *.prom file in node_exporter's --collector.textfile.directory "
+        "(Debian's: /var/lib/prometheus/node-exporter)",
     )
     alertmanager_url: str | None = setting(
         None, "also post the firing alerts to this Alertmanager (its base URL, e.g. http://alertmanager:9093)"
@@ -149,6 +151,9 @@ class SyntheticConfig:
     faults_per_day: float = setting(1.5, "mean injected faults per day")
     seed: int = setting(0, "random seed; same seed, same store")
     start: str = setting("2024-05-01T00:00:00Z", "first minute, ISO-8601 UTC")
+    end: str | None = setting(
+        None, "last minute, ISO-8601 UTC or now (the current minute); given, the store's --days end there and --start is not used"
+    )
     level_shift_at: float = setting(
         0.0,
         "share of the span after which a deploy halves or doubles each service's own latency for good "

@@ -398,10 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from latency_forecast import artifacts, store
 
     settings = flags.from_args(build_parser().parse_args(argv), SyntheticConfig)
-    start = store.parse_timestamp(settings.start, "--start")
-    frame, manifest = generate(
-        settings.days, settings.services, settings.seed, settings.faults_per_day, start.floor("min"), settings.level_shift_at
-    )
+    start = store.parse_timestamp(settings.start, "--start").floor("min")
+    if settings.end is not None:
+        end = pd.Timestamp.now(tz="UTC") if settings.end == "now" else store.parse_timestamp(settings.end, "--end")
+        start = end.floor("min") - pd.Timedelta(minutes=settings.days * MINUTES_PER_DAY - 1)
+    frame, manifest = generate(settings.days, settings.services, settings.seed, settings.faults_per_day, start, settings.level_shift_at)
     store.write_feature_store(frame, settings.output)
     artifacts.write_json(manifest, f"{settings.output}/chaos_manifest.json")
     print(

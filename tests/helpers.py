@@ -10,7 +10,11 @@ import math
 import os
 import pathlib
 import re
+import shutil
+import socket
 import subprocess
+import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -153,6 +157,48 @@ def assert_reproduces_saved_test_metrics(trained: Forecaster, directory: str, st
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def debian_binary(package: str, *programs: str) -> str:
+    """The path of the first of ``programs`` (default: the one named as ``package``) on the PATH; a
+    skip that names the Debian package when none is, a failure under CI, whose .ci/run installs it."""
+    programs = programs or (package,)
+    binary = next((path for name in programs if (path := shutil.which(name))), None)
+    if binary is None:
+        reason = f"{' or '.join(programs)} is not installed: apt-get install {package} (Debian's package)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; .ci/run must install it")
+        pytest.skip(reason)
+    return binary
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# the tests' own requests to the servers they start ignore proxy variables: nothing leaves 127.0.0.1
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_until_serving(process, url: str, log: pathlib.Path, seconds: float = 20) -> bytes:
+    """Poll ``url`` of a server subprocess a test started until it answers 200; the answer's body.
+    Fails, with the end of its ``log``, when the process exits or does not answer in time."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args[0]} exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with DIRECT.open(url, timeout=1) as response:
+                if response.status == 200:
+                    return response.read()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{process.args[0]} not answering {url} within {seconds:g} s: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
 
 
 def stop_server(process) -> None:

@@ -227,6 +227,9 @@ def test_causes_are_the_top_shapley_values_of_each_alerting_services_own_window(
             assert cause["score"] == pytest.approx(values[trained.feature_columns.index(cause["feature"])])
         rankable = [value for feature, value in zip(trained.feature_columns, values) if feature != TARGET_COLUMN]
         assert [cause["score"] for cause in causes] == pytest.approx(sorted(rankable, reverse=True)[: live.TOP_CAUSES])
+        # each a share of what every feature that can be a cause pushes, whichever way
+        total = sum(abs(value) for value in rankable)
+        assert [cause["share"] for cause in causes] == pytest.approx([cause["score"] / total for cause in causes])
 
 
 def test_explanations_need_a_background_only_when_something_alerts(trained, frame, at, tmp_path):

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -17,11 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from latency_forecast import publish
 from latency_forecast.errors import UserError
-from tests.helpers import stop_server
+from tests.helpers import DIRECT, debian_binary, free_port, stop_server, wait_until_serving
 
 ALERTMANAGER_PACKAGE = "prometheus-alertmanager"
-# the tests' own requests to Alertmanager ignore proxy variables: nothing leaves 127.0.0.1
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 NO_NUMBERS = dict.fromkeys(
     ("target_time", "forecast_ms", "current_latency_ms", "latency_threshold_ms", "score", "threshold")
 )
@@ -50,12 +46,13 @@ def make_report(as_of: datetime) -> dict:
         "as_of": at,
         "horizon": horizon,
         "sequence_length": 8,
+        "alert_rule": {"score": "quantile_ratio", "threshold": 1.2, "per_service": {"search": 0.9}, "quantile": "0.9"},
         "forecasts": [
-            ok("auth", 812.0, {"0.5": 790.0, "0.9": 1200.0}, 430.0, 1.624, 1.2, True,
-               [{"feature": "cpu_rolling_avg", "score": 210.5}, {"feature": "queue_depth", "score": 40.25}]),
-            # a calibrated threshold below 1 fires under the latency threshold; no quantile head
-            ok("search", 480.0, {}, 300.0, 0.96, 0.9, True, [{"feature": "fan_out", "score": 95.0}]),
-            ok("cache", 3.2, {"0.5": 3.1, "0.9": 4.0}, 2.9, 0.0064, 1.2, False, []),
+            ok("auth", 812.0, {"0.5": 790.0, "0.9": 1200.0}, 430.0, 2.4, 1.2, True,
+               [{"feature": "cpu_rolling_avg", "score": 210.5, "share": 0.62}, {"feature": "queue_depth", "score": 40.25, "share": 0.12}]),
+            # a calibrated threshold below 1 fires under the latency threshold
+            ok("search", 400.0, {"0.9": 480.0}, 300.0, 0.96, 0.9, True, [{"feature": "fan_out", "score": 95.0, "share": 0.4}]),
+            ok("cache", 3.2, {"0.5": 3.1, "0.9": 4.0}, 2.9, 0.008, 1.2, False, []),
             without("cart", "stale", _iso(as_of - timedelta(minutes=20))),
             without("pay", "gap", at),
             without("ghost", "unknown_service", at),
@@ -80,57 +77,85 @@ def _samples(path) -> dict[str, dict[tuple, float]]:
 
 def test_textfile_parses_back_with_every_services_gauges(tmp_path, report):
     path = tmp_path / "latency_forecast.prom"
-    publish.write_prometheus_textfile(report, str(path))
+    publish.write_prometheus_textfile(report, str(path), last_run=1717581642.5)
     metrics = _samples(path)
     assert os.listdir(tmp_path) == ["latency_forecast.prom"]
 
-    def by(**labels):
-        return tuple(sorted(labels.items()))
+    def by(service, **labels):
+        return tuple(sorted({"service": service, "horizon_minutes": "3", **labels}.items()))
 
-    p99 = metrics["latency_forecast_p99_seconds"]
-    assert p99 == pytest.approx({
-        by(service="auth", horizon_minutes="3", quantile="point"): 0.812,
-        by(service="auth", horizon_minutes="3", quantile="0.5"): 0.790,
-        by(service="auth", horizon_minutes="3", quantile="0.9"): 1.2,
-        by(service="search", horizon_minutes="3", quantile="point"): 0.480,
-        by(service="cache", horizon_minutes="3", quantile="point"): 0.0032,
-        by(service="cache", horizon_minutes="3", quantile="0.5"): 0.0031,
-        by(service="cache", horizon_minutes="3", quantile="0.9"): 0.004,
-    })
     ok = ("auth", "search", "cache")
-    assert metrics["latency_forecast_current_p99_seconds"] == pytest.approx(
-        {by(service="auth"): 0.43, by(service="search"): 0.3, by(service="cache"): 0.0029}
-    )
-    assert metrics["latency_forecast_latency_threshold_seconds"] == pytest.approx({by(service=s): 0.5 for s in ok})
-    assert metrics["latency_forecast_alert"] == {
-        by(service="auth", horizon_minutes="3"): 1.0,
-        by(service="search", horizon_minutes="3"): 1.0,
-        by(service="cache", horizon_minutes="3"): 0.0,
-    }
-    assert metrics["latency_forecast_alert_score"] == pytest.approx({
-        by(service="auth", horizon_minutes="3"): 1.624,
-        by(service="search", horizon_minutes="3"): 0.96,
-        by(service="cache", horizon_minutes="3"): 0.0064,
+    assert metrics["latency_forecast_p99_seconds"] == pytest.approx({by("auth"): 0.812, by("search"): 0.4, by("cache"): 0.0032})
+    assert metrics["latency_forecast_p99_quantile_seconds"] == pytest.approx({
+        by("auth", level="0.5"): 0.790,
+        by("auth", level="0.9"): 1.2,
+        by("search", level="0.9"): 0.48,
+        by("cache", level="0.5"): 0.0031,
+        by("cache", level="0.9"): 0.004,
     })
-    assert metrics["latency_forecast_alert_score_threshold"] == pytest.approx({
-        by(service="auth", horizon_minutes="3"): 1.2,
-        by(service="search", horizon_minutes="3"): 0.9,
-        by(service="cache", horizon_minutes="3"): 1.2,
+    assert metrics["latency_forecast_current_p99_seconds"] == pytest.approx({by("auth"): 0.43, by("search"): 0.3, by("cache"): 0.0029})
+    assert metrics["latency_forecast_latency_threshold_seconds"] == pytest.approx({by(s): 0.5 for s in ok})
+    # the rule alerts on the 0.9 quantile: its threshold in seconds is the calibrated one times the SLO
+    assert metrics["latency_forecast_alert_threshold_seconds"] == pytest.approx({
+        by("auth", alert_on="0.9"): 0.6, by("search", alert_on="0.9"): 0.45, by("cache", alert_on="0.9"): 0.6,
+    })
+    assert metrics["latency_forecast_alert"] == {by("auth"): 1.0, by("search"): 1.0, by("cache"): 0.0}
+    assert metrics["latency_forecast_alert_score_ratio"] == pytest.approx(
+        {by("auth"): 2.0, by("search"): 0.96 / 0.9, by("cache"): 0.008 / 1.2}
+    )
+    assert metrics["latency_forecast_cause_share"] == pytest.approx({
+        by("auth", feature="cpu_rolling_avg", rank="1"): 0.62,
+        by("auth", feature="queue_depth", rank="2"): 0.12,
+        by("search", feature="fan_out", rank="1"): 0.4,
     })
     as_of = datetime(2024, 6, 5, 10, 0, tzinfo=timezone.utc).timestamp()
     assert metrics["latency_forecast_as_of_timestamp_seconds"] == {
-        **{by(service=s): as_of for s in (*ok, "pay", "ghost")},
-        by(service="cart"): as_of - 20 * 60,  # stale: its newest minute; "legacy" has none
+        **{by(s): as_of for s in (*ok, "pay", "ghost")},
+        by("cart"): as_of - 20 * 60,  # stale: its newest minute; "legacy" has none
     }
+    assert metrics["latency_forecast_last_run_timestamp_seconds"] == {(("horizon_minutes", "3"),): 1717581642.5}
     statuses = {forecast["service"]: forecast["status"] for forecast in report["forecasts"]}
     assert metrics["latency_forecast_status"] == {
-        by(service=service, status=name): float(name == status)
+        by(service, status=name): float(name == status)
         for service, status in statuses.items()
         for name in publish.STATUSES
     }
-    forecast_gauges = [name for name in metrics if name not in ("latency_forecast_status", "latency_forecast_as_of_timestamp_seconds")]
-    for name in forecast_gauges:
+    everyone = ("latency_forecast_status", "latency_forecast_as_of_timestamp_seconds", "latency_forecast_last_run_timestamp_seconds")
+    for name in set(metrics) - set(everyone):
         assert {dict(labels)["service"] for labels in metrics[name]} <= set(ok), name
+    assert not any("quantile" in dict(labels) for samples in metrics.values() for labels in samples), "a reserved label"
+
+
+@pytest.mark.parametrize(
+    ("rule", "written"),
+    [
+        ({"score": "forecast_ratio", "quantile": None}, {"forecast": 0.6}),
+        ({"score": "probability", "quantile": None}, {}),
+    ],
+    ids=["point-forecast", "breach-probability"],
+)
+def test_the_alert_threshold_in_seconds_follows_what_the_rule_alerts_on(tmp_path, report, rule, written):
+    report["alert_rule"].update(rule)
+    path = tmp_path / "latency_forecast.prom"
+    publish.write_prometheus_textfile(report, str(path))
+    thresholds = _samples(path).get("latency_forecast_alert_threshold_seconds", {})
+    auth = {dict(labels)["alert_on"]: value for labels, value in thresholds.items() if dict(labels)["service"] == "auth"}
+    assert auth == pytest.approx(written)
+
+
+def test_last_run_defaults_to_the_time_of_writing(tmp_path, report):
+    path = tmp_path / "latency_forecast.prom"
+    before = time.time()
+    publish.write_prometheus_textfile(report, str(path))
+    (written,) = _samples(path)["latency_forecast_last_run_timestamp_seconds"].values()
+    assert before <= written <= time.time()
+
+
+def test_score_ratio_is_one_where_the_alert_starts():
+    assert publish.score_ratio({"score": 1.2, "threshold": 1.2}) == 1.0
+    assert publish.score_ratio({"score": 0.3, "threshold": 0.6}) == 0.5
+    assert publish.score_ratio({"score": 5.0, "threshold": float("inf")}) == 0.0  # a service that never alerts
+    assert publish.score_ratio({"score": 0.0, "threshold": 0.0}) == float("inf")  # every score alerts
 
 
 def test_textfile_replaces_an_earlier_one(tmp_path, report):
@@ -167,11 +192,17 @@ def test_alerts_are_the_firing_ok_forecasts_with_one_line_summaries(report):
     alerts = publish.alertmanager_alerts(report, now, timedelta(minutes=5), "warning")
     assert [alert["labels"]["service"] for alert in alerts] == ["auth", "search"]
     auth, search = (alert["annotations"] for alert in alerts)
-    assert auth["summary"] == "auth p99 forecast 812 ms at 10:03Z >= 500 ms threshold (in 3 min)"
-    assert search["summary"] == "search p99 forecast 480 ms at 10:03Z, alert score 0.96 >= 0.90 (500 ms threshold, in 3 min)"
-    assert "p50 790 ms, p90 1200 ms" in auth["description"]
-    assert "Top cause: cpu_rolling_avg (+210.5 ms Shapley value)" in auth["description"]
-    assert "Current p99: 430 ms" in auth["description"] and "Alert score 1.62 >= threshold 1.20" in auth["description"]
+    # what crossed which threshold: the calibrated one, here below the SLO for search
+    assert auth["summary"] == (
+        "auth: p99 latency forecast 3 min ahead crossed its calibrated alert threshold (0.9 quantile 1200 ms >= 600 ms; SLO 500 ms)"
+    )
+    assert search["summary"] == (
+        "search: p99 latency forecast 3 min ahead crossed its calibrated alert threshold (0.9 quantile 480 ms >= 450 ms; SLO 500 ms)"
+    )
+    assert "812 ms (p50 790 ms, p90 1200 ms)" in auth["description"]
+    assert "Top cause: cpu_rolling_avg (+210.5 ms Shapley value, 62%); then queue_depth (+40.2 ms, 12%)." in auth["description"]
+    assert "Current p99: 430 ms" in auth["description"] and "Alert score 2.00 times its threshold" in auth["description"]
+    assert "can sit below the 500 ms SLO: an early warning, not a breach yet" in auth["description"]
     assert {alert["endsAt"] for alert in alerts} == {"2024-06-05T10:05:40Z"}
     assert {alert["startsAt"] for alert in alerts} == {"2024-06-05T10:00:00Z"}
     assert "generatorURL" not in alerts[0]
@@ -185,31 +216,14 @@ def _loopback_only(monkeypatch):
     monkeypatch.setenv("no_proxy", "*")
 
 
-def _free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _alertmanager_binary() -> str:
-    binary = shutil.which(ALERTMANAGER_PACKAGE) or shutil.which("alertmanager")
-    if binary is None:
-        reason = f"the Alertmanager binary is not installed: apt-get install {ALERTMANAGER_PACKAGE} (Debian's package)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; .ci/run must install it")
-        pytest.skip(reason)
-    return binary
-
-
 @pytest.fixture(scope="module")
 def alertmanager(tmp_path_factory):
     """A real Alertmanager on 127.0.0.1 with a null receiver and no clustering; yields its base URL."""
-    binary = _alertmanager_binary()
+    binary = debian_binary(ALERTMANAGER_PACKAGE, ALERTMANAGER_PACKAGE, "alertmanager")
     directory = tmp_path_factory.mktemp("alertmanager")
     config = directory / "alertmanager.yml"
     config.write_text('route:\n  receiver: "null"\nreceivers:\n  - name: "null"\n')
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(directory / "alertmanager.log", "wb")
     process = subprocess.Popen(
@@ -225,19 +239,7 @@ def alertmanager(tmp_path_factory):
         stdin=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Alertmanager exited with {process.returncode}: {(directory / 'alertmanager.log').read_text()[-2000:]}")
-            try:
-                with DIRECT.open(f"{url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Alertmanager not ready on {url} within 20 s: {(directory / 'alertmanager.log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        wait_until_serving(process, f"{url}/-/ready", directory / "alertmanager.log")
         yield url
     finally:
         stop_server(process)
@@ -258,10 +260,11 @@ def test_alerts_posted_to_a_real_alertmanager_read_back(alertmanager):
     assert sorted(alerts) == ["auth", "search"]
     auth = alerts["auth"]
     assert auth["labels"] == {"alertname": "LatencyBreachForecast", "service": "auth", "severity": "critical", "horizon_minutes": "3"}
-    target = (now.replace(second=0) + timedelta(minutes=3)).strftime("%H:%MZ")
-    assert auth["annotations"]["summary"] == f"auth p99 forecast 812 ms at {target} >= 500 ms threshold (in 3 min)"
-    assert "Top cause: cpu_rolling_avg (+210.5 ms Shapley value)" in auth["annotations"]["description"]
-    assert alerts["search"]["annotations"]["summary"].startswith("search p99 forecast 480 ms")
+    format_target = _iso(now.replace(second=0) + timedelta(minutes=3))
+    assert auth["annotations"]["summary"] == publish.alertmanager_alerts(report, now, timedelta(minutes=5), "critical")[0]["annotations"]["summary"]
+    assert f"at {format_target}" in auth["annotations"]["description"]
+    assert "Top cause: cpu_rolling_avg (+210.5 ms Shapley value, 62%)" in auth["annotations"]["description"]
+    assert alerts["search"]["annotations"]["summary"].startswith("search: p99 latency forecast 3 min ahead")
     for alert in alerts.values():
         ends_at = datetime.strptime(alert["endsAt"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
         assert ends_at == now + timedelta(minutes=5)
@@ -275,7 +278,7 @@ def test_http_error_from_alertmanager_is_a_user_error(alertmanager, report):
 
 
 def test_closed_port_is_a_one_line_user_error(report):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(UserError) as caught:
         publish.post_alerts(url, report, timeout=2)
@@ -299,4 +302,4 @@ def test_no_firing_alert_makes_no_request(report):
     for forecast in report["forecasts"]:
         forecast["alert"] = False
     # a closed port: any request would raise
-    assert publish.post_alerts(f"http://127.0.0.1:{_free_port()}", report) == 0
+    assert publish.post_alerts(f"http://127.0.0.1:{free_port()}", report) == 0
