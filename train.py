@@ -36,7 +36,7 @@ CONFIGS = (
     StoreConfig, TimeRangeConfig, DataConfig, ModelConfig, TrainingConfig, AlertConfig, BaselineConfig,
     ImportanceConfig, ExplainConfig, OutputConfig, ResumeConfig, ProgressConfig,
 )
-RESUME_DIR = ".resume"  # inside --output-dir: the state of each fit after its last finished epoch
+RESUME_DIR = ".resume"  # inside --output-dir: the state of each fit, saved after every epoch and on SIGTERM or SIGINT
 
 
 def build_parser() -> flags.ArgumentParser:
@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         alerting.read_latency_thresholds(data_config),
     )
     alerting.AlertRule.uncalibrated(model_config, alert_config)  # a bad --alert-on fails before training
-    errors.stop_on_sigterm("the state after the last finished epoch is saved: rerun the same command with --resume")
+    # a signal during training waits for the next batch, where the training state is saved
+    errors.stop_on_signals("rerun the same command with --resume to continue from the saved training state")
     # Under torchrun every rank trains on its own services; rank 0 then evaluates and writes the
     # artifacts on the whole store, the others exit quietly. Without torchrun: one rank.
     ranks = distributed.init_from_env(training_config.device)
@@ -70,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown and ranks.is_main:
             warn(f"--latency-thresholds names services not in the store: {', '.join(unknown)}")
         splits = data.fraction_splits(table, data_config.validation_fraction, data_config.test_fraction, data_config.embargo, present)
-        resume_dir = artifacts.resume_directory(output.output_dir, RESUME_DIR, resume.resume)
+        resume_dir, saved = artifacts.resume_directory(output.output_dir, RESUME_DIR, resume.resume)
         log(f"loaded {len(table):,} rows: {len(table.services)} services, {len(table.feature_columns)} features ({', '.join(table.feature_columns)})")
+        if resume.resume and not saved:
+            log(f"--resume: no saved training state in {output.output_dir}; starting from the beginning")
         if ranks.world_size > 1:
             held = int(np.count_nonzero(np.diff(table.service_bounds)))
             log(f"torchrun: {ranks.world_size} ranks, each training on its own services (rank 0: {held}, the rows above); rank 0 evaluates all")

@@ -212,15 +212,15 @@ def output_lock(output_dir: str, flag: str = "--output-dir") -> Iterator[None]:
                 os.rmdir(output_dir)
 
 
-def resume_directory(output_dir: str, name: str, resume: bool) -> str:
-    """``output_dir/name``, where a run keeps its resumable training state: emptied for a fresh
-    run; with ``resume``, it must hold an interrupted run's state."""
+def resume_directory(output_dir: str, name: str, resume: bool) -> tuple[str, bool]:
+    """``output_dir/name``, where a run keeps its resumable training state, and whether it holds
+    a saved state: emptied for a fresh run; with ``resume``, kept (where nothing was saved yet,
+    the run starts from the beginning, so one command serves a first start and every retry)."""
     path = os.path.join(output_dir, name)
     if not resume:
         shutil.rmtree(path, ignore_errors=True)
-    elif not os.path.isdir(path):
-        raise UserError(f"--resume: {output_dir} holds no interrupted run to continue; run without --resume")
-    return path
+    saved = os.path.isdir(path) and any(not entry.startswith(".") for entry in os.listdir(path))  # .tmp-*: a write cut short
+    return path, saved
 
 
 @contextlib.contextmanager

@@ -364,8 +364,9 @@ class ResumeConfig:
 
     resume: bool = setting(
         False,
-        "continue the interrupted run into the same --output-dir from its last finished epoch "
-        "(the state is saved after every epoch); refused when the settings or the data differ",
+        "continue the run in --output-dir from its saved training state (saved after every epoch, and at the "
+        "next batch on SIGTERM or SIGINT); with none saved, start from the beginning, so one command line serves "
+        "the first start and every retry; refused when the settings or the data differ",
     )
 
 

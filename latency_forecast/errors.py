@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -29,29 +30,31 @@ def cli_entrypoint(main: Callable[[Sequence[str] | None], int]) -> Callable[[Seq
     Anything else is a bug and keeps its traceback. An interrupt exits 130; artifacts are
     staged and only moved into place at the end of a run, so earlier ones survive it.
     A reader that closes stdout early (``| head``) ends the run quietly with 141, no traceback;
-    after :func:`stop_on_sigterm`, SIGTERM exits 143.
+    after :func:`stop_on_signals`, SIGTERM exits 143.
     """
 
     @functools.wraps(main)
     def wrapper(argv: Sequence[str] | None = None) -> int:
+        global _held
         try:
             return main(argv)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print("interrupted: no artifact was changed", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:
+            print(f"interrupted: no artifact was changed{f'; {interrupt}' if interrupt.args else ''}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except Terminated as stop:
-            print(f"stopped by SIGTERM: no artifact was changed; {stop}", file=sys.stderr)
+        except Terminated as terminated:
+            print(f"stopped by SIGTERM: no artifact was changed; {terminated}", file=sys.stderr)
             return EXIT_TERMINATED
         except BrokenPipeError:
             # stdout is gone; point it at devnull so the interpreter's final flush cannot fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_BROKEN_PIPE
         finally:
+            _held = 0  # a signal held when an error ended the run is not the next run's
             while _restore_on_exit:
-                signal.signal(signal.SIGTERM, _restore_on_exit.pop())
+                signal.signal(*_restore_on_exit.pop())
 
     return wrapper
 
@@ -61,14 +64,56 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def stop_on_sigterm(hint: str) -> None:
-    """From now on SIGTERM ends the run as an interrupt does (staged files dropped, earlier
-    artifacts kept), with one line and ``hint`` (what to do next), exit status 143."""
+def stop_on_signals(hint: str) -> None:
+    """From now on SIGTERM (exit 143) and SIGINT (exit 130) end the run as an interrupt does
+    (staged files dropped, earlier artifacts kept), with one line and ``hint`` (what to do next).
 
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated(hint)
+    Inside :func:`deferred_stop` the first of them is held instead, until the code reaches a
+    point where it can stop (having saved its state) and calls :func:`stop`; more signals change
+    nothing then, because process managers often deliver one stop twice (Slurm to the batch
+    shell, which passes it on, and to its children; torchrun's agent to workers that got it too).
+    """
+    global _hint
+    _hint = hint
 
-    _restore_on_exit.append(signal.signal(signal.SIGTERM, stop))
+    def on_signal(signum: int, frame: object) -> None:
+        global _held
+        if _deferring:
+            _held = _held or signum
+            return
+        stop(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        _restore_on_exit.append((signum, signal.signal(signum, on_signal)))
 
 
-_restore_on_exit: list = []  # SIGTERM handlers to put back when main returns (not at interpreter exit)
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[None]:
+    """A section (a training loop) that polls :func:`held_signal` at the points where it can stop;
+    a signal still held when it ends stops the run there."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _held and not _deferring:
+        stop(_held)
+
+
+def held_signal() -> int:
+    """The SIGTERM or SIGINT held inside a :func:`deferred_stop` section, 0 when there is none."""
+    return _held
+
+
+def stop(signum: int) -> NoReturn:
+    """End the run as ``signum`` ends it: :class:`Terminated` for SIGTERM, KeyboardInterrupt for SIGINT."""
+    global _held
+    _held = 0
+    raise Terminated(_hint) if signum == signal.SIGTERM else KeyboardInterrupt(_hint)
+
+
+_restore_on_exit: list = []  # (signal, handler) to put back when main returns (not at interpreter exit)
+_hint = ""  # what stop_on_signals was told to say
+_deferring = 0  # how many deferred_stop sections are open
+_held = 0  # the signal held in one of them, 0: none

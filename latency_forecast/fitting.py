@@ -122,11 +122,12 @@ def train(
     """Fit everything a forecaster needs on ``train_range`` rows, stop early and calibrate the
     alert rule on ``validation_range``; never reads a row of any other range.
 
-    ``resume_dir`` keeps each network's state after every epoch and continues from a state an
-    interrupted run with the same data and settings saved there. ``inplace`` (for callers that
-    own ``table``) scales its features in their own memory. Under torchrun every rank trains the
-    networks on its own services (``table`` is its shard); then rank 0 reads ``full_table()``
-    and finishes the bundle on every service, and the other ranks return None.
+    ``resume_dir`` keeps each network's state after every epoch (and at the batch where a signal
+    stopped the run) and continues from a state an interrupted run with the same data and
+    settings saved there. ``inplace`` (for callers that own ``table``) scales its features in
+    their own memory. Under torchrun every rank trains the networks on its own services
+    (``table`` is its shard); then rank 0 reads ``full_table()`` and finishes the bundle on every
+    service, and the other ranks return None.
     """
     rank, world_size = distributed.rank_and_world_size()
     run_id = distributed.joint_digest(data.fingerprint(table, settings.identity()))  # before features are scaled in place

@@ -5,12 +5,16 @@ device, so there is no per-sample DataLoader and no host-to-device copy per batc
 ``torchrun`` with a process group initialised (``distributed.init_from_env``), each rank trains
 on its own samples (its services'), the same number per epoch on every rank, the model is
 wrapped in DistributedDataParallel, and the losses are averaged over the ranks.
+
+A SIGTERM or SIGINT (after ``errors.stop_on_signals``) stops a fit at the next batch boundary,
+its resumable state saved there (under torchrun every rank stops at the same batch).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from latency_forecast import artifacts, distributed
+from latency_forecast import artifacts, distributed, errors
 from latency_forecast.config import TrainingConfig
 from latency_forecast.errors import UserError
 from latency_forecast.model import Ensemble, Outputs
@@ -207,10 +211,14 @@ def _mean_loss(
     return float(total / max(len(ends), 1))
 
 
+RESUME_FORMAT = 2  # the layout of a saved state; one of another layout is not resumed
+
+
 @dataclass
 class ResumeFile:
-    """Where :func:`fit` keeps its resumable state after every epoch, and the fingerprint of the
-    settings and data it belongs to (a state of other settings or data is never resumed)."""
+    """Where :func:`fit` keeps its resumable state (after every epoch, and at the batch where a
+    signal stopped it), and the fingerprint of the settings and data it belongs to (a state of
+    other settings or data is never resumed)."""
 
     path: str
     fingerprint: str
@@ -228,14 +236,24 @@ class ResumeFile:
                 f"--resume: the training state in {os.path.dirname(self.path)} was saved by a run with other settings or data; "
                 "resume with that run's command and store, or rerun without --resume to start over"
             )
+        if state.get("format") != RESUME_FORMAT:
+            raise UserError(f"--resume: the training state in {os.path.dirname(self.path)} was saved by another version of train.py; rerun without --resume")
         return state
 
     def save(self, state: dict) -> None:
-        artifacts.save_torch_atomic({**state, "fingerprint": self.fingerprint}, self.path)
+        artifacts.save_torch_atomic({**state, "fingerprint": self.fingerprint, "format": RESUME_FORMAT}, self.path)
 
 
 def _rng_states() -> dict:
-    states = {"torch": torch.get_rng_state()}
+    """Every generator a training step could draw from (dropout draws from torch's), as tensors,
+    numbers and lists (``weights_only``)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "python": [version, list(python_state), gauss_next],
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -243,8 +261,23 @@ def _rng_states() -> dict:
 
 def _restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
+    keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, python_state, gauss_next = states["python"]
+    random.setstate((version, tuple(python_state), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class _Position:
+    """Where a fit stands: ``epoch`` epochs finished, then ``batch`` batches of the next one, whose
+    losses sum to ``running`` (a tensor on the training device) and which took ``seconds`` so far."""
+
+    epoch: int
+    running: torch.Tensor
+    batch: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -275,40 +308,55 @@ def _start(
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
     resume: ResumeFile | None,
     epochs: int,
+    device: torch.device,
     log: Callable[[str], None] | None,
-) -> tuple[_EarlyStopping, int, int]:
-    """Early stopping's state and the first and last epoch to run: from scratch, or continued from
-    the state ``resume`` holds (weights, optimiser, scheduler and RNG restored). ``log``: where to
-    say so, or None."""
+) -> tuple[_EarlyStopping, _Position, int]:
+    """Early stopping's state, where training stands and the last epoch to run: the start, or
+    where the state ``resume`` holds left off (weights, optimiser, scheduler and RNG restored).
+    ``log``: where to say which, or None."""
     stopping = _EarlyStopping(float("inf"), copy.deepcopy(model.state_dict()))
     saved = resume.load() if resume is not None else None
     if saved is None:
-        return stopping, 1, epochs
+        if log is not None:
+            log(f"training from the start: at most {epochs} epochs")
+        return stopping, _Position(0, torch.zeros((), device=device)), epochs
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     _restore_rng_states(saved["rng"])
     stopping = _EarlyStopping(saved["best_loss"], saved["best_state"], saved["stale"], saved["history"])
+    position = _Position(saved["epoch"], saved["running"].to(device), saved["batch"], saved["seconds"])
     if log is not None:
-        log(f"resuming after epoch {saved['epoch']} (best validation loss {stopping.best_loss:.4f})")
+        where = f"in epoch {position.epoch + 1} after batch {position.batch}" if position.batch else f"after epoch {position.epoch}"
+        log(f"resuming {where}" + (f" (best validation loss {stopping.best_loss:.4f})" if stopping.history else ""))
     # stopped early or ran every epoch: nothing left to train
-    return stopping, saved["epoch"] + 1, saved["epoch"] if saved["finished"] else epochs
+    return stopping, position, position.epoch if saved["finished"] else epochs
 
 
 def _resumable_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    epoch: int,
+    position: _Position,
     finished: bool,
     stopping: _EarlyStopping,
 ) -> dict:
-    """Everything :func:`_start` needs to continue after ``epoch`` (``finished``: nothing is left)."""
+    """Everything :func:`_start` needs to continue from ``position`` (``finished``: nothing is left)."""
     return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": _rng_states(), "epoch": epoch, "finished": finished,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states(),
+        "epoch": position.epoch, "batch": position.batch, "running": position.running.cpu(), "seconds": position.seconds, "finished": finished,
         "best_loss": stopping.best_loss, "best_state": stopping.best_state, "stale": stopping.stale, "history": stopping.history,
     }
+
+
+def _stop_signal(world_size: int) -> int:
+    """The SIGTERM or SIGINT held to stop at this batch boundary (``errors.deferred_stop``), 0 to go
+    on. Under torchrun the ranks' steps are in lockstep (DDP), so all must stop at the same batch:
+    the signal of any rank stops every rank."""
+    held = errors.held_signal()
+    if world_size == 1:
+        return held
+    return int(distributed.all_reduce(np.array([held]), "max")[0])
 
 
 def _rank_order(n: int, total: int, epoch: int, config: TrainingConfig, rank: int, world_size: int) -> torch.Tensor:
@@ -329,29 +377,39 @@ def _train_epoch(
     loss: Callable,
     optimizer: torch.optim.Optimizer,
     config: TrainingConfig,
+    position: _Position,
+    stop_signal: Callable[[], int],
     description: str,
     show: bool,
-) -> tuple[float, int]:
-    """One pass over the training samples at positions ``order`` (``trainable`` is ``model``, or
-    its DistributedDataParallel wrapper); returns this rank's mean batch loss and its batches."""
+) -> int:
+    """The batches of the training samples at positions ``order`` from ``position.batch`` on
+    (``trainable`` is ``model``, or its DistributedDataParallel wrapper), each one counted in
+    ``position``. Before each batch ``stop_signal()`` is asked; returns the signal that stopped the
+    epoch there, 0 when it is done."""
     trainable.train()
     # an ensemble's networks train as if alone: their own gradients, clipped each (Adam is per weight)
     networks = list(model.members) if isinstance(model, Ensemble) else [model]
-    batches = range(0, len(order), config.batch_size)
-    bar = tqdm(batches, desc=description, leave=False, disable=None if show else True, unit="batch")
-    running = torch.zeros((), device=series.inputs.device)
-    for step, i in enumerate(bar, start=1):
-        batch_loss = _batch_loss(trainable, series, train_tensor[order[i : i + config.batch_size]], loss, config, model.quantile_levels)
+    n_batches = -(-len(order) // config.batch_size)
+    bar = tqdm(range(position.batch, n_batches), desc=description, initial=position.batch, total=n_batches,
+               leave=False, disable=None if show else True, unit="batch")
+    for step in bar:
+        signum = stop_signal()
+        if signum:
+            bar.close()
+            return signum
+        batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+        batch_loss = _batch_loss(trainable, series, train_tensor[batch], loss, config, model.quantile_levels)
         optimizer.zero_grad(set_to_none=True)
         batch_loss.backward()
         if config.gradient_clip:  # each network's own norm: its loss is 1/len(networks) of the batch loss
             for network in networks:
                 nn.utils.clip_grad_norm_(network.parameters(), config.gradient_clip / len(networks))
         optimizer.step()
-        running += batch_loss.detach()
-        if show and step % 50 == 0:  # reading the loss syncs the device: not every step
-            bar.set_postfix(loss=f"{float(running) / step:.4f}")
-    return float(running) / max(len(batches), 1), len(batches)
+        position.running += batch_loss.detach()
+        position.batch = step + 1
+        if show and position.batch % 50 == 0:  # reading the loss syncs the device: not every step
+            bar.set_postfix(loss=f"{float(position.running) / position.batch:.4f}")
+    return 0
 
 
 def fit(
@@ -367,9 +425,12 @@ def fit(
     """Adam with early stopping on the validation loss; the best weights are loaded at the end.
 
     With ``resume``, the whole state (weights, optimiser, scheduler, RNG, epoch, best loss and
-    weights, early-stopping counter, history) is saved there after every epoch, and a state
-    saved earlier is continued from: on CPU a resumed run ends with exactly the weights of an
-    uninterrupted one (each epoch's order is seeded by its number, dropout by the saved RNG).
+    weights, early-stopping counter, history) is saved there after every epoch, and with the
+    position inside the epoch (batch, summed loss) at the batch where a SIGTERM or SIGINT stops
+    the run (``errors.stop_on_signals``); a state saved earlier is continued from. On CPU a
+    resumed run ends with exactly the weights of an uninterrupted one: each epoch's order is
+    seeded by its number, so the batch says where in it to go on, and dropout draws from the
+    saved RNG.
 
     Returns the per-epoch history: ``{"epoch", "train_loss", "val_loss", "seconds"}``.
     """
@@ -389,33 +450,43 @@ def fit(
     total_train = int(distributed.all_reduce(np.array([len(train_ends)]))[0]) if world_size > 1 else len(train_ends)
 
     show = progress and rank == 0
-    stopping, first_epoch, last_epoch = _start(model, optimizer, scheduler, resume, config.epochs, log if show else None)
-    for epoch in range(first_epoch, last_epoch + 1):
-        started = time.perf_counter()
-        order = _rank_order(len(train_ends), total_train, epoch, config, rank, world_size).to(device)
-        description = f"epoch {epoch}/{config.epochs}"
-        train_loss, n_batches = _train_epoch(trainable, model, series, train_tensor, order, loss, optimizer, config, description, show)
-        validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels)
-        # each rank measured its own samples: every rank gets the same means, so the same decisions
-        train_loss = distributed.weighted_mean(train_loss, n_batches)
-        validation_loss = distributed.weighted_mean(validation_loss, len(validation_ends))
-        seconds = time.perf_counter() - started
-        scheduler.step(validation_loss)
-        improved = stopping.record(model, epoch, train_loss, validation_loss, seconds)
-        if show:
-            log(
-                f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {validation_loss:.4f}  "
-                f"{seconds:5.1f}s{'  *' if improved else ''}"
+    with errors.deferred_stop():  # a SIGTERM or SIGINT waits for the next batch boundary
+        stopping, position, last_epoch = _start(model, optimizer, scheduler, resume, config.epochs, device, log if show else None)
+        while position.epoch < last_epoch:
+            epoch = position.epoch + 1
+            started = time.perf_counter() - position.seconds
+            order = _rank_order(len(train_ends), total_train, epoch, config, rank, world_size).to(device)
+            description = f"epoch {epoch}/{config.epochs}"
+            signum = _train_epoch(
+                trainable, model, series, train_tensor, order, loss, optimizer, config, position, lambda: _stop_signal(world_size), description, show
             )
-        if not np.isfinite(train_loss):
-            raise UserError("training diverged (loss is not finite); lower --learning-rate")
-        if resume is not None and rank == 0:
-            finished = stopping.stale >= config.patience or epoch == config.epochs
-            resume.save(_resumable_state(model, optimizer, scheduler, epoch, finished, stopping))
-        if stopping.stale >= config.patience:
+            if signum:
+                if resume is not None and rank == 0:
+                    position.seconds = time.perf_counter() - started
+                    resume.save(_resumable_state(model, optimizer, scheduler, position, False, stopping))
+                errors.stop(signum)
+            validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels)
+            # each rank measured its own samples: every rank gets the same means, so the same decisions
+            train_loss = distributed.weighted_mean(float(position.running) / max(position.batch, 1), position.batch)
+            validation_loss = distributed.weighted_mean(validation_loss, len(validation_ends))
+            seconds = time.perf_counter() - started
+            scheduler.step(validation_loss)
+            improved = stopping.record(model, epoch, train_loss, validation_loss, seconds)
             if show:
-                log(f"early stop: no better validation loss for {config.patience} epochs; keeping epoch {epoch - stopping.stale}")
-            break
+                log(
+                    f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {validation_loss:.4f}  "
+                    f"{seconds:5.1f}s{'  *' if improved else ''}"
+                )
+            if not np.isfinite(train_loss):
+                raise UserError("training diverged (loss is not finite); lower --learning-rate")
+            position = _Position(epoch, torch.zeros((), device=device))
+            if resume is not None and rank == 0:
+                finished = stopping.stale >= config.patience or epoch == config.epochs
+                resume.save(_resumable_state(model, optimizer, scheduler, position, finished, stopping))
+            if stopping.stale >= config.patience:
+                if show:
+                    log(f"early stop: no better validation loss for {config.patience} epochs; keeping epoch {epoch - stopping.stale}")
+                break
     model.load_state_dict(stopping.best_state)
     model.eval()
     return stopping.history

@@ -1,5 +1,6 @@
 """artifacts.py: JSON without NaN, atomic files with the usual mode, staged runs that commit all or
-nothing, swapping a directory in, and torch files read back with weights_only=True."""
+nothing, swapping a directory in, torch files read back with weights_only=True, and the resume
+directory."""
 
 import json
 import os
@@ -89,3 +90,15 @@ def test_torch_files_are_read_weights_only_and_errors_are_user_errors(tmp_path):
     torch.save([1, 2], listed)
     with pytest.raises(UserError, match="is not a checkpoint written by train.py"):
         artifacts.load_torch(str(listed), "checkpoint", "--model-checkpoint")
+
+
+def test_the_resume_directory_is_emptied_for_a_fresh_run_and_kept_with_resume(tmp_path):
+    path = str(tmp_path / ".resume")
+    assert artifacts.resume_directory(str(tmp_path), ".resume", resume=True) == (path, False), "nothing saved yet: a first start"
+    artifacts.save_torch_atomic({"epoch": 0}, os.path.join(path, "forecaster.pt"))
+    open(os.path.join(path, ".tmp-cut-short"), "wb").close()
+    assert artifacts.resume_directory(str(tmp_path), ".resume", resume=True) == (path, True)
+    assert artifacts.resume_directory(str(tmp_path), ".resume", resume=False) == (path, False) and not os.path.exists(path)
+    os.makedirs(path)
+    open(os.path.join(path, ".tmp-cut-short"), "wb").close()
+    assert artifacts.resume_directory(str(tmp_path), ".resume", resume=True) == (path, False), "a write cut short is no saved state"

@@ -1,6 +1,9 @@
-"""errors.py: a user error is one stderr line and exit status 2, an interrupt 130, a closed stdout
-141; anything else is a bug and keeps its traceback."""
+"""errors.py: a user error is one stderr line and exit status 2, an interrupt 130, SIGTERM 143 (held
+until a stop point inside a deferred section), a closed stdout 141; anything else is a bug and
+keeps its traceback."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -37,6 +40,40 @@ def test_interrupt_exits_130_saying_nothing_changed(capsys):
 
     assert main([]) == errors.EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err == "interrupted: no artifact was changed\n"
+
+
+def test_a_signal_in_a_deferred_section_waits_for_its_stop_point_and_a_second_one_changes_nothing(capsys):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    reached = []
+
+    @cli_entrypoint
+    def held_to_the_end(argv=None):
+        errors.stop_on_signals("rerun with --resume")
+        with errors.deferred_stop():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append(errors.held_signal())
+        reached.append("after the section")
+        return 0
+
+    assert held_to_the_end([]) == errors.EXIT_TERMINATED == 143
+    assert reached == [signal.SIGTERM] and errors.held_signal() == 0
+    assert capsys.readouterr().err == "stopped by SIGTERM: no artifact was changed; rerun with --resume\n"
+
+    @cli_entrypoint
+    def interrupted_then_terminated(argv=None):
+        errors.stop_on_signals("rerun with --resume")
+        with errors.deferred_stop():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # one stop delivered twice, as process managers do
+            reached.append(errors.held_signal())
+            errors.stop(errors.held_signal())  # the stop point
+        return 0
+
+    reached.clear()
+    assert interrupted_then_terminated([]) == errors.EXIT_INTERRUPTED
+    assert reached == [signal.SIGINT]
+    assert capsys.readouterr().err == "interrupted: no artifact was changed; rerun with --resume\n"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers, "put back when main returns"
 
 
 def test_a_bug_keeps_its_traceback():

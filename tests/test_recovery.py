@@ -1,6 +1,6 @@
-"""Runs that survive the real world: SIGKILL mid-epoch and --resume, SIGTERM, a kill between two
-renames of the commit, concurrent runs into one directory, and determinism. The kills are real
-signals to real train.py subprocesses."""
+"""Runs that survive the real world: SIGKILL mid-epoch and --resume, SIGTERM in the first epoch and
+the same command again, a kill between two renames of the commit, concurrent runs into one
+directory, and determinism. The kills are real signals to real train.py subprocesses."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 import train
 from latency_forecast import artifacts
-from tests.helpers import TINY_TRAINING, assert_one_line_error
+from tests.helpers import TINY_TRAINING, assert_one_line_error, without
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # long enough to be killed in the middle; one thread, so the subprocess and this process compute alike
@@ -82,20 +82,40 @@ def test_sigkill_mid_epoch_keeps_earlier_artifacts_and_resume_ends_exactly_as_un
     assert [name for name in os.listdir(out) if name.startswith(".")] == []
 
 
-def test_sigterm_saves_and_exits_143_with_one_line_and_resume_refuses_other_settings(tiny_store, tmp_path, capsys):
+# A first epoch of 188 batches (1-2 s) to stop in its middle; one command line for the first start and
+# every retry, as a Kubernetes Job or a Slurm script runs it. Not --quiet: its lines say where training is.
+RETRIED = [*without(TINY_TRAINING, "--quiet"), "--samples-per-epoch", "6000", "--batch-size", "32", "--num-threads", "1",
+           "--shap-samples", "0", "--baselines", "persistence", "--resume"]
+
+
+def test_sigterm_in_the_first_epoch_saves_its_batch_exits_143_and_the_same_command_ends_as_uninterrupted(tiny_store, tmp_path, capsys):
+    def argv(out) -> list[str]:
+        return ["--feature-store-path", tiny_store, "--output-dir", str(out), *RETRIED]
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert train.main(argv(uninterrupted)) == 0, "--resume with nothing saved: a first start"
+    assert f"--resume: no saved training state in {uninterrupted}; starting from the beginning" in capsys.readouterr().out
+
     out = tmp_path / "out"
-    process = _start(_argv(tiny_store, out))
-    _wait_for_epoch(process, str(out / train.RESUME_DIR / "forecaster.pt"))
+    process = subprocess.Popen([sys.executable, "-u", "train.py", *argv(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # printed inside the training loop's section, where a signal waits for the next batch
+    started = next((line for line in process.stdout if line.startswith("training from the start")), None)
+    assert started is not None, process.stderr.read()
+    time.sleep(0.3)  # some batches into the first epoch
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 143
     lines = process.stderr.read().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM") and "--resume" in lines[0], lines
     assert not [name for name in os.listdir(out) if not name.startswith(".")], "no artifact of a stopped run"
-    assert os.listdir(out / train.RESUME_DIR)
+    state = torch.load(out / train.RESUME_DIR / "forecaster.pt", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["batch"] < 188, "saved at a batch boundary of the first epoch"
 
-    code = train.main([*_argv(tiny_store, out, "--learning-rate", "0.01"), "--resume"])
-    assert_one_line_error(capsys, code, "--resume", "other settings or data")
-    assert_one_line_error(capsys, train.main([*_argv(tiny_store, tmp_path / "empty"), "--resume"]), "no interrupted run")
+    assert_one_line_error(capsys, train.main([*argv(out), "--learning-rate", "0.01"]), "--resume", "other settings or data")
+    assert train.main(argv(out)) == 0
+    assert f"resuming in epoch 1 after batch {state['batch']}" in capsys.readouterr().out
+    resumed, reference = _artifacts(out), _artifacts(uninterrupted)
+    for name in ("metrics.json", "latency_forecaster.pt", "scaler.pt"):
+        assert resumed[name] == reference[name], f"{name} differs from the uninterrupted run's"
 
 
 def test_a_second_run_into_the_same_directory_is_refused(tiny_store, tmp_path, capsys):

@@ -1,13 +1,17 @@
-"""training.py: the fit loop learns, is reproducible and keeps its best epoch; windows gathered by
-index are the right rows; epoch orders shard one permutation; losses and devices by hand."""
+"""training.py: the fit loop learns, is reproducible and keeps its best epoch; a signal stops it at
+the next batch and the saved state continues exactly; windows gathered by index are the right
+rows; epoch orders shard one permutation; losses and devices by hand."""
+
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
-from latency_forecast import data, training
+from latency_forecast import data, errors, training
 from latency_forecast.config import ModelConfig, TrainingConfig
-from latency_forecast.errors import UserError
+from latency_forecast.errors import UserError, cli_entrypoint
 from latency_forecast.model import LatencyForecaster
 from tests.helpers import hand_frame, table_of
 
@@ -58,6 +62,45 @@ def test_early_stopping_keeps_the_best_weights():
     windows, services, target = series.batch(torch.as_tensor(ends[400:]))
     with torch.no_grad():
         assert float(loss(model(windows, services), target, target > training.SPIKE_Z)) == pytest.approx(best, rel=1e-5)
+
+
+def test_a_signal_stops_fit_at_the_next_batch_and_its_saved_state_continues_exactly(tmp_path):
+    series, ends = _series()
+    train, validation = ends[:400], ends[400:]
+    config = TrainingConfig(epochs=3, batch_size=32, samples_per_epoch=0, seed=3, patience=10)  # 13 batches an epoch
+
+    def seeded_model() -> LatencyForecaster:  # with dropout, so each batch draws from torch's RNG
+        torch.manual_seed(config.seed)
+        return LatencyForecaster(3, 1, ModelConfig(hidden_size=8, num_layers=2, dropout=0.3))
+
+    reference = seeded_model()
+    history = training.fit(reference, series, train, validation, config, progress=False)
+
+    interrupted, batches = seeded_model(), []
+
+    def sigterm_in_batch_18(module, inputs):  # the 5th batch of the second epoch
+        batches.append(module.training)
+        if batches.count(True) == 18:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted.register_forward_pre_hook(sigterm_in_batch_18)
+    resume = training.ResumeFile(str(tmp_path / "state.pt"), "this run")
+
+    @cli_entrypoint
+    def main(argv=None):
+        errors.stop_on_signals("rerun with --resume")
+        training.fit(interrupted, series, train, validation, config, progress=False, resume=resume)
+        return 0
+
+    assert main([]) == errors.EXIT_TERMINATED == 143
+    assert batches.count(True) == 18, "stopped at the next batch boundary, not later"
+    state = torch.load(resume.path, weights_only=True)
+    assert (state["epoch"], state["batch"], state["finished"]) == (1, 5, False)
+
+    resumed = seeded_model()  # as a new process builds it: other weights, the RNG elsewhere
+    resumed_history = training.fit(resumed, series, train, validation, config, progress=False, resume=resume)
+    assert [{**row, "seconds": 0} for row in resumed_history] == [{**row, "seconds": 0} for row in history]
+    assert all(torch.equal(value, reference.state_dict()[key]) for key, value in resumed.state_dict().items())
 
 
 def test_loss_by_hand():
