@@ -192,12 +192,13 @@ class Forecaster:
         the point forecast and quantiles: what :meth:`ship` weighs (under any weights)."""
         predictions = training.predict(self.model, prepared.tensors, ends)
         codes = prepared.tensors.service_codes[torch.as_tensor(ends, device=self.device)].cpu().numpy()
-        recurrent = self.target_normalizer.denormalize(predictions.forecast, codes)
+        current = prepared.table.target[ends].astype(np.float64)
+        recurrent = self.target_normalizer.denormalize(predictions.forecast, codes, current)
         quantiles = {}
         if predictions.quantiles is not None:
             for name, column in zip(self.model_config.quantile_names, predictions.quantiles.T):
-                quantiles[name] = self.target_normalizer.denormalize(column, codes)
-        members = {ensemble.RECURRENT: recurrent, "persistence": prepared.table.target[ends].astype(np.float64)}
+                quantiles[name] = self.target_normalizer.denormalize(column, codes, current)
+        members = {ensemble.RECURRENT: recurrent, "persistence": current}
         if self.baselines:
             inputs, all_codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
             for name, baseline in self.baselines.items():

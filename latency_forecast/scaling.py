@@ -262,14 +262,22 @@ class TargetNormalizer:
         parallel_map(normalize_chunk, row_chunks(len(latency_ms)))
         return out
 
-    def denormalize(self, normalized: np.ndarray, service_codes: np.ndarray) -> np.ndarray:
-        """Normalised predictions back to milliseconds (float64), at most the training maximum.
+    def denormalize(self, normalized: np.ndarray, service_codes: np.ndarray, current_ms: np.ndarray | None = None) -> np.ndarray:
+        """Normalised predictions back to milliseconds (float64), at most the training maximum,
+        or the latency at t (``current_ms``, per prediction) where that is higher.
 
         A recurrent net extrapolates freely; a forecast above the largest p99 any service showed
-        in training is not evidence, so it is capped there (still far above any SLO).
+        in training is not evidence, so it is capped there (still far above any SLO). A service
+        already above that maximum (its level moved up after training, then a fault came) is
+        forecast at least as high as it is now: the cap held such a service at the training
+        maximum, a third of where it was, for the whole fault.
         """
         log_latency = normalized.astype(np.float64) * self.scale[service_codes] + self.location[service_codes]
-        return np.expm1(np.clip(log_latency, 0.0, self.ceiling))
+        ceiling: float | np.ndarray = self.ceiling
+        if current_ms is not None:
+            with np.errstate(invalid="ignore"):  # a NaN latency at t leaves the training maximum
+                ceiling = np.fmax(self.ceiling, np.log1p(np.maximum(np.asarray(current_ms, dtype=np.float64), 0.0)))
+        return np.expm1(np.clip(log_latency, 0.0, ceiling))
 
     def state(self) -> dict:
         return {

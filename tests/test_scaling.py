@@ -137,7 +137,13 @@ def test_target_normalizer_centres_each_service_on_one_scale_and_inverts(tmp_pat
     assert abs(np.median(z[table.service_codes == 0])) < 0.1 and abs(np.median(z[table.service_codes == 1])) < 0.1
     np.testing.assert_allclose(normalizer.denormalize(z, table.service_codes), table.target, rtol=1e-4)
     # forecasts are capped at the largest latency seen in training
-    assert normalizer.denormalize(np.array([1e3]), np.array([1]))[0] == pytest.approx(float(table.target.max()), rel=1e-5)
+    top = float(table.target.max())
+    assert normalizer.denormalize(np.array([1e3]), np.array([1]))[0] == pytest.approx(top, rel=1e-5)
+    # ... or at the latency at t where a service is already above that (its level moved up after
+    # training): never below where it is now for want of evidence, nor above it
+    capped = normalizer.denormalize(np.array([1e3, 1e3, 0.0]), np.array([1, 1, 1]), np.array([3 * top, np.nan, 3 * top]))
+    assert capped[0] == pytest.approx(3 * top, rel=1e-5) and capped[1] == pytest.approx(top, rel=1e-5)
+    assert capped[2] == pytest.approx(float(np.expm1(normalizer.location[1])), rel=1e-5), "only the cap moves"
     again = scaling.TargetNormalizer.from_state(normalizer.state())
     np.testing.assert_array_equal(again.location, normalizer.location)
     assert (again.pooled, again.ceiling) == (normalizer.pooled, normalizer.ceiling)
