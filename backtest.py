@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Sequence
 
-from latency_forecast import alerting, artifacts, backtesting, config, data, fitting, flags, plots, ray_folds, store
+from latency_forecast import alerting, artifacts, backtesting, config, cpus, data, fitting, flags, plots, ray_folds, store
 from latency_forecast.config import AlertConfig, BaselineConfig, DataConfig, ModelConfig, ProgressConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.errors import UserError, cli_entrypoint
 from latency_forecast.script_config import BacktestConfig
@@ -86,7 +86,7 @@ def _backtest(
     )
     where = f" as Ray tasks on {backtest_config.ray_address or 'a local Ray instance'}" if backtest_config.executor == "ray" else ""
     log(
-        f"{len(folds)} {backtest_config.window_mode} folds, {jobs} at a time{where} with {threads} torch thread(s) each; "
+        f"{len(folds)} {backtest_config.window_mode} folds, {jobs} at a time{where} with {cpus.torch_threads(threads)} torch thread(s) each; "
         f"embargo {data_config.embargo} minutes"
     )
     results = backtesting.run_backtest(
@@ -108,7 +108,7 @@ def _backtest(
             "embargo_minutes": data_config.embargo,
             "step_days": backtest_config.step_minutes / config.MINUTES_PER_DAY,
             "jobs": jobs,
-            "threads_per_fold": threads,
+            "threads_per_fold": cpus.torch_threads(threads),
         },
     }
     report = backtesting.report(results, run_config)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -113,13 +112,13 @@ def check_folds(table: SeriesTable, folds: Sequence[Fold], data_config: DataConf
             data.require_samples_in(ends, table, time_range, L, H, f"fold {fold.number} {what}")
 
 
-def threads_per_fold(jobs: int, num_threads: int, cores: int | None = None) -> int:
-    """Torch threads for each fold's process: ``--num-threads`` if set, else the cores shared out."""
+def threads_per_fold(jobs: int, num_threads: int) -> int:
+    """``--num-threads`` for each fold's process: the user's, else 0 (auto: one torch thread, the
+    native pools on every CPU) for one fold at a time and 1 for folds side by side, which would
+    otherwise each size their pools to every CPU."""
     if num_threads:
         return num_threads
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // jobs)
+    return 0 if jobs <= 1 else 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from latency_forecast import background, config, data, distributed, ensemble, evaluation, training
+from latency_forecast import background, config, cpus, data, distributed, ensemble, evaluation, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
 from latency_forecast.config import (
     AlertConfig,
@@ -153,7 +153,7 @@ def train(
         prepared = untrained.prepare(full_table(), inplace=True)
     samples = {"train": prepared.samples(train_range, "train"), "validation": prepared.samples(validation_range, "validation")}
     # the trees' OpenMP threads follow --num-threads, as torch's do (their result does not depend on it)
-    with threadpool_limits(limits=settings.training.num_threads or None):
+    with threadpool_limits(limits=cpus.pool_threads(settings.training.num_threads)):
         baselines = evaluation.fit_baselines(untrained, prepared, samples["train"], settings.baseline)
     fitted = dataclasses.replace(untrained, baselines=baselines)
     members = fitted.predict_members(prepared, samples["validation"])  # read once: weighed, then calibrated on

@@ -97,8 +97,8 @@ class BacktestConfig:
     )
     jobs: int = setting(
         1,
-        "folds trained at once, each in its own process (or Ray task) with --num-threads torch threads "
-        "(0: the cores divided by --jobs)",
+        "folds trained at once, each in its own process (or Ray task) with --num-threads threads "
+        "(0: auto for one fold at a time, one thread each for folds side by side)",
     )
     executor: str = setting(
         "local",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from latency_forecast import artifacts, distributed, errors
+from latency_forecast import artifacts, cpus, distributed, errors
 from latency_forecast.config import TrainingConfig
 from latency_forecast.errors import UserError
 from latency_forecast.model import Ensemble, Outputs
@@ -44,9 +44,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_threads(num_threads: int) -> None:
-    """Pin torch's CPU threads (0 keeps the default); parallel backtest folds set 1 each."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    """Set torch's CPU threads from ``--num-threads`` (0: :data:`cpus.AUTO_TORCH_THREADS`)."""
+    torch.set_num_threads(cpus.torch_threads(num_threads))
 
 
 @dataclass

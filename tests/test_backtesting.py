@@ -170,11 +170,11 @@ def test_non_positive_settings_are_user_errors(values, flag):
         BacktestConfig(**values)
 
 
-def test_threads_share_the_cores():
-    assert backtesting.threads_per_fold(1, 0, cores=2) == 2
-    assert backtesting.threads_per_fold(2, 0, cores=2) == 1
-    assert backtesting.threads_per_fold(3, 0, cores=2) == 1
-    assert backtesting.threads_per_fold(2, 3, cores=2) == 3  # --num-threads wins
+def test_folds_side_by_side_take_one_thread_each():
+    assert backtesting.threads_per_fold(1, 0) == 0  # auto: one torch thread, native pools on every CPU
+    assert backtesting.threads_per_fold(2, 0) == 1
+    assert backtesting.threads_per_fold(3, 0) == 1
+    assert backtesting.threads_per_fold(2, 3) == 3  # --num-threads wins
 
 
 # ----------------------------------------------------------------------------- leakage

@@ -143,7 +143,7 @@ def test_a_service_whose_level_moved_after_training_is_forecast_from_where_it_is
     data_config = DataConfig(sequence_length=8, horizon=3)
     splits = data.fraction_splits(table, 0.15, 0.15, data_config.embargo)
     settings = fitting.Settings(
-        data_config, ModelConfig(hidden_size=16, latency_history="relative"), TrainingConfig(epochs=4, num_threads=1, seed=3),
+        data_config, ModelConfig(hidden_size=16), TrainingConfig(epochs=4, num_threads=1, seed=3),
         baseline=BaselineConfig(gradient_boosting_max_samples=20_000),
     )
     run = fitting.train(table, splits.train, splits.validation, settings, progress=False, log=quiet)

@@ -19,7 +19,7 @@ skill falls by more than 0.02.
 
 Example:
     python -m tools.dev_stores --real-stores path/to/nezha_train_ticket --save before.json
-    python -m tools.dev_stores --real-stores path/to/nezha_train_ticket --latency-history relative --compare before.json
+    python -m tools.dev_stores --real-stores path/to/nezha_train_ticket --latency-history level --compare before.json
 """
 
 from __future__ import annotations
