@@ -1,5 +1,6 @@
 r"""Explain predicted latency breaches: which feature drove each true-positive alert, scored
-against the injected root causes of a chaos run when a manifest is given.
+against the injected root causes of a chaos run when a manifest is given (root-cause feature and
+service, beside a rule-based baseline; a call_graph.json beside the store informs the service ranking).
 
 Example:
     python analyze_causality.py --model-checkpoint artifacts/latency_forecaster.pt \
@@ -60,11 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     time_range = data.TimeRange(
         data.to_minute(start) if start is not None else span.start, data.to_minute(end) if end is not None else span.end
     )
+    call_graph = store.read_call_graph(store_config.feature_store_path, settings.call_graph, table.services)
     prepared = forecaster.prepare(table, inplace=True)
     if prepared.unknown_services:
         warn(f"not forecast (unknown to the model): {', '.join(prepared.unknown_services)}")
     analysis = causality.analyze(
-        forecaster, prepared, time_range, background, faults, settings, explain_config, forecaster.training_config.seed
+        forecaster, prepared, time_range, background, faults, settings, explain_config, forecaster.training_config.seed, call_graph
     )
     report = analysis.report
     report["model"]["checkpoint"] = os.path.abspath(checkpoint.model_checkpoint)
@@ -113,6 +115,17 @@ def _print_summary(report: dict, output: str, seconds: float) -> None:
                 f"AC@3 {_share(scores['top3_accuracy'])}  detected {_share(scores['detection_rate'])}"
                 + (f"  ({scores['n_unscorable']} unscorable)" if scores["n_unscorable"] else "")
             )
+        rule = validation["rule_baseline"]
+        print(f"  rule-based baseline on the same forecasts: AC@1 {_share(rule['top1_accuracy'])}, AC@3 {_share(rule['top3_accuracy'])}")
+        services = validation["service_level"]
+        graph = f", call graph of {services['call_graph_edges']} edges" if services["call_graph_edges"] is not None else ", no call graph"
+        print(
+            f"root-cause service, {services['n_faults']} faults ({services['n_services']} services{graph}): "
+            f"model AC@1 {_share(services['top1_accuracy'])}, AC@3 {_share(services['top3_accuracy'])}, Avg@5 {_share(services['avg5'])}; "
+            f"rule-based baseline AC@1 {_share(services['rule_baseline']['top1_accuracy'])}, "
+            f"AC@3 {_share(services['rule_baseline']['top3_accuracy'])}, Avg@5 {_share(services['rule_baseline']['avg5'])} "
+            f"(random AC@1 {_share(services['random_top1'])})"
+        )
         reasons: dict[str, int] = {}
         for fault in validation["unscorable"]:
             reasons[fault["reason"]] = reasons.get(fault["reason"], 0) + 1

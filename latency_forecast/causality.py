@@ -1,5 +1,6 @@
 """Why a breach was predicted: true-positive events, their per-feature Shapley scores, and scoring
-against a chaos manifest (AC@1 / AC@3 per injected fault, as root-cause benchmarks report them).
+against a chaos manifest (AC@1 / AC@3 of the root-cause feature per injected fault, AC@1 / AC@3 /
+Avg@5 of the root-cause service, as root-cause benchmarks report them), beside a rule-based ranking.
 
 Everything here is pure: arrays and dicts in, a report dict out. A minute in this module is the
 *forecast* minute t+H (the minute whose latency the alert is about), unless it says otherwise.
@@ -7,6 +8,7 @@ Everything here is pure: arrays and dicts in, a report dict out. A minute in thi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,6 +21,7 @@ from latency_forecast.data import TimeRange, format_minute
 from latency_forecast.errors import UserError
 from latency_forecast.evaluation import Evaluation, evaluate
 from latency_forecast.forecaster import Forecaster, PreparedSeries
+from latency_forecast.graph import CallGraph
 from latency_forecast.script_config import CausalityConfig
 
 MANIFEST_KEYS = ("service", "start", "end", "fault")
@@ -119,6 +122,7 @@ class FaultCase:
     detected: bool = False
     position: int | None = None  # index into the evaluated samples of the explained forecast
     ranking: list[str] = field(default_factory=list)
+    rule_ranking: list[str] = field(default_factory=list)  # the rule-based baseline's, same forecast minute
 
     @property
     def scorable(self) -> bool:
@@ -183,10 +187,11 @@ def rank_features(scores: np.ndarray, feature_columns: Sequence[str]) -> list[st
     return [feature_columns[i] for i in order if feature_columns[i] != TARGET_COLUMN]
 
 
-def _accuracy(cases: Sequence[FaultCase]) -> dict[str, Any]:
+def _accuracy(cases: Sequence[FaultCase], rankings: str = "ranking") -> dict[str, Any]:
     cause = [case.fault.root_cause_feature for case in cases]
-    top1 = sum(case.ranking[:1] == [c] for case, c in zip(cases, cause))
-    top3 = sum(c in case.ranking[:3] for case, c in zip(cases, cause))
+    ranked = [getattr(case, rankings) for case in cases]
+    top1 = sum(ranking[:1] == [c] for ranking, c in zip(ranked, cause))
+    top3 = sum(c in ranking[:3] for ranking, c in zip(ranked, cause))
     return {"n_faults": len(cases), "top1_accuracy": metrics.rate(top1, len(cases)), "top3_accuracy": metrics.rate(top3, len(cases))}
 
 
@@ -223,10 +228,16 @@ def validation_summary(cases: Sequence[FaultCase], forecasts: Evaluation, n_rank
                 "top3": case.ranking[:3],
                 "hit_at_1": case.ranking[:1] == [cause],
                 "hit_at_3": cause in case.ranking[:3],
+                "rule_top3": case.rule_ranking[:3],
             }
         )
+    scorable = [case for case in cases if case.scorable]
     return {
         **_scores(cases),
+        "rule_baseline": {
+            **_accuracy(scorable, "rule_ranking"),
+            "detected": _accuracy([case for case in scorable if case.detected], "rule_ranking"),
+        },
         "random_top1": metrics.rate(1, n_rankable),
         "random_top3": metrics.rate(min(3, n_rankable), n_rankable),
         "by_fault": {name: _scores(group) for name, group in sorted(by_type.items())},
@@ -262,8 +273,11 @@ def analyze(
     config: CausalityConfig,
     explain_config: ExplainConfig,
     seed: int = 0,
+    call_graph: CallGraph | None = None,
 ) -> Analysis:
-    """Find true-positive events in ``time_range``, explain them, and score the manifest's faults.
+    """Find true-positive events in ``time_range``, explain them, and score the manifest's faults
+    (root-cause feature and service), beside the rule-based baseline; ``call_graph`` (optional)
+    informs the model's service ranking.
 
     Raises
     ------
@@ -285,9 +299,12 @@ def analyze(
     ends = forecasts.ends[positions] if positions else np.zeros(0, dtype=np.int64)
     attributions = explain.explain(forecaster, prepared.tensors, ends, background, explain_config, seed)
     rankings = {p: rank_features(attributions.values[i], forecaster.feature_columns) for p, i in explained.items()}
+    baseline = RuleBaseline(table, prepared.tensors.inputs, forecaster.feature_columns)
     for case in cases:
         if case.position is not None:
             case.ranking = rankings[case.position]
+            alert_minute = int(forecasts.target_minutes[case.position]) - horizon
+            case.rule_ranking = baseline.rank_features(int(forecasts.service_codes[case.position]), alert_minute)
 
     report_events, figure_events = _describe_events(
         chosen, forecasts, table.services, inside, attributions, explained, rankings, forecaster.feature_columns, horizon
@@ -295,6 +312,9 @@ def analyze(
     report = _analysis_report(forecaster, time_range, forecasts, attributions.method, events, config.event_order, report_events)
     if faults is not None:
         report["validation"] = validation_summary(cases, forecasts, len(rankable), len(faults) - len(inside))
+        report["validation"]["service_level"] = service_level_summary(
+            inside, forecasts, table.services, forecaster.services, baseline, horizon, call_graph
+        )
     return Analysis(report, figure_events)
 
 
@@ -414,3 +434,200 @@ def _analysis_report(
             f"in {len(forecasts):,} forecasts), so there is no predicted spike to explain"
         )
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Service-level scoring, and the rule-based baseline beside the model
+
+TRAILING_MINUTES = 60  # the normal a change is judged against
+RECENT_MINUTES = 5  # the minutes up to the event whose mean is judged
+ANOMALY_Z = 3.0  # robust z from which a service's forecast counts as anomalous (the call-graph rule)
+MIN_LOG_SPREAD = 0.05  # floor of a spread of log latency: a 5% wobble is noise, however flat the normal
+MIN_SCALED_SPREAD = 0.05  # floor of a spread of a model input, in training standard deviations
+_MAD_TO_SD = 1.4826  # median absolute deviation to standard deviation, for normal noise
+_MEAN_AD_TO_SD = 1.2533  # mean absolute deviation to standard deviation (sqrt(pi / 2))
+
+
+def robust_z(recent: np.ndarray, trailing: np.ndarray, floor: float) -> np.ndarray:
+    """Per column, (mean of ``recent`` - median of ``trailing``) / the spread of ``trailing``:
+    max(1.4826 MAD, 1.2533 mean absolute deviation from the median, ``floor``); NaN ignored, NaN
+    where either window has no finite value.
+
+    recent : (n_recent, n_columns); trailing : (n_trailing, n_columns)
+    """
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN or empty columns give NaN, as meant
+        median = np.nanmedian(trailing, axis=0) if len(trailing) else np.full(trailing.shape[1], np.nan)
+        deviation = np.abs(trailing - median)
+        # the mean absolute deviation backs the MAD up: a count that is mostly 0 (a queue) has MAD 0
+        spread = np.maximum(_MAD_TO_SD * np.nanmedian(deviation, axis=0), _MEAN_AD_TO_SD * np.nanmean(deviation, axis=0)) if len(trailing) else median
+        mean = np.nanmean(recent, axis=0) if len(recent) else np.full(recent.shape[1], np.nan)
+        return (mean - median) / np.maximum(spread, floor)
+
+
+def service_accuracy(rankings: Sequence[Sequence[str]], truths: Sequence[str]) -> dict[str, Any]:
+    """AC@1, AC@3 and Avg@5 (the mean of AC@1 ... AC@5) of ranked services, as RCAEval scores them:
+    AC@k is the share of faults whose true root service is among the first k ranked."""
+    n = len(truths)
+    at_k = [metrics.rate(sum(truth in list(ranking[:k]) for ranking, truth in zip(rankings, truths)), n) for k in range(1, 6)]
+    return {
+        "n_faults": n,
+        "top1_accuracy": at_k[0],
+        "top3_accuracy": at_k[2],
+        "avg5": float(np.mean(at_k)) if n else None,
+    }
+
+
+def rank_services(scores: dict[str, float], call_graph: CallGraph | None = None) -> list[str]:
+    """Services by descending score (NaN: not ranked). With a call graph, the anomalous services
+    (score >= ``ANOMALY_Z``) none of whose callees is anomalous come first: a fault spreads to
+    the callers, so the deepest anomalous callee is the likeliest root."""
+    scored = {name: float(score) for name, score in scores.items() if np.isfinite(score)}
+    order = sorted(scored, key=lambda name: (-scored[name], name))
+    if call_graph is None:
+        return order
+    anomalous = {name for name in order if scored[name] >= ANOMALY_Z}
+    deepest = [name for name in order if name in anomalous and not any(c in anomalous for c in call_graph.callees(name))]
+    return deepest + [name for name in order if name not in deepest]
+
+
+class _Rows:
+    """Rows of arrays sorted by (code, minute): those of one code within a range of minutes."""
+
+    def __init__(self, codes: np.ndarray, minutes: np.ndarray, n_codes: int):
+        self.bounds = np.searchsorted(codes, np.arange(n_codes + 1))
+        self.minutes = minutes
+
+    def between(self, code: int, first: int, last: int) -> slice:
+        low, high = int(self.bounds[code]), int(self.bounds[code + 1])
+        block = self.minutes[low:high]
+        return slice(low + int(np.searchsorted(block, first)), low + int(np.searchsorted(block, last, side="right")))
+
+    def recent_and_trailing(self, code: int, minute: int) -> tuple[slice, slice]:
+        """The ``RECENT_MINUTES`` up to ``minute`` and the ``TRAILING_MINUTES`` before them."""
+        return (
+            self.between(code, minute - RECENT_MINUTES + 1, minute),
+            self.between(code, minute - RECENT_MINUTES - TRAILING_MINUTES + 1, minute - RECENT_MINUTES),
+        )
+
+
+def _log_ms(values: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-3))
+
+
+class RuleBaseline:
+    """The rule-based ranking: each service's and feature's robust z of its change before the
+    event (the mean of the last ``RECENT_MINUTES`` against the median and spread of the
+    ``TRAILING_MINUTES`` before them, :func:`robust_z`), on the telemetry as the model reads it (its inputs after
+    the model's scaler, so spreads are in training standard deviations) and the log latency.
+    A service scores its largest absolute z, the latency's included; features are ranked by
+    their absolute z, never the latency itself. No model and no call graph involved."""
+
+    def __init__(self, table: data.SeriesTable, inputs: Any, feature_columns: Sequence[str]):
+        """``inputs``: (n_rows, n_features) the table's rows as the model reads them (a tensor on
+        any device, or an array), columns ``feature_columns``."""
+        self.table = table
+        self.inputs = inputs
+        self.columns = [i for i, name in enumerate(feature_columns) if name != TARGET_COLUMN]
+        self.names = [feature_columns[i] for i in self.columns]
+        self.rows = _Rows(table.service_codes, table.minutes, len(table.services))
+
+    def _features(self, rows: slice) -> np.ndarray:
+        block = self.inputs[rows]
+        block = block.float().cpu().numpy() if hasattr(block, "cpu") else np.asarray(block)
+        return block[:, self.columns].astype(np.float64)
+
+    def z(self, code: int, minute: int) -> tuple[np.ndarray, float]:
+        """(n_rankable,) robust z of each feature, and the log latency's, of service ``code`` (a
+        table code) at ``minute``, a minute of data (an alert minute t, not t+H)."""
+        recent, trailing = self.rows.recent_and_trailing(code, minute)
+        feature_z = robust_z(self._features(recent), self._features(trailing), MIN_SCALED_SPREAD)
+        target = self.table.target
+        latency_z = robust_z(_log_ms(target[recent])[:, None], _log_ms(target[trailing])[:, None], MIN_LOG_SPREAD)[0]
+        return feature_z, float(latency_z)
+
+    def service_score(self, code: int, minute: int) -> float:
+        feature_z, latency_z = self.z(code, minute)
+        values = np.abs(np.append(feature_z, latency_z))
+        return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+
+    def rank_features(self, code: int, minute: int) -> list[str]:
+        feature_z = np.abs(self.z(code, minute)[0])
+        order = np.argsort(-np.nan_to_num(feature_z, nan=-1.0), kind="stable")
+        return [self.names[i] for i in order if np.isfinite(feature_z[i])]
+
+
+def model_service_scores(forecasts: Evaluation, rows: _Rows, codes: Sequence[int], minute: int) -> np.ndarray:
+    """Per service code, the robust z of the model's log forecast over the ``RECENT_MINUTES`` of
+    alerts up to ``minute`` against the ``TRAILING_MINUTES`` before them: how far the forecast
+    left that service's normal. NaN where a service has no forecast in either window.
+
+    ``rows`` indexes ``forecasts`` by (service code, alert minute t = forecast minute - H).
+    """
+    log_forecast = _log_ms(forecasts.forecast)
+    scores = np.full(len(codes), np.nan)
+    for i, code in enumerate(codes):
+        recent, trailing = rows.recent_and_trailing(code, minute)
+        scores[i] = robust_z(log_forecast[recent][:, None], log_forecast[trailing][:, None], MIN_LOG_SPREAD)[0]
+    return scores
+
+
+def event_minute(fault: Fault, forecasts: Evaluation, horizon: int) -> tuple[int, bool]:
+    """The minute of data at which a fault's services are ranked, and whether the model detected
+    it: the alert minute t of the earliest true positive (of any service) that forecasts a minute
+    of [start, end + H]; without one, the fault's last minute."""
+    hits = (forecasts.target_minutes >= fault.start) & (forecasts.target_minutes <= fault.end + horizon) & forecasts.true_positive
+    if hits.any():
+        return int(forecasts.target_minutes[hits].min()) - horizon, True
+    return fault.end, False
+
+
+def service_level_summary(
+    faults: Sequence[Fault],
+    forecasts: Evaluation,
+    services: Sequence[str],
+    model_services: Sequence[str],
+    baseline: RuleBaseline,
+    horizon: int,
+    call_graph: CallGraph | None = None,
+) -> dict[str, Any]:
+    """The report's ``validation.service_level`` block: AC@1, AC@3 and Avg@5 of the root-cause
+    service over every fault, for the model and the rule-based baseline on the same events.
+
+    The model ranks the services the model forecasts by how far their forecast left its normal
+    (:func:`model_service_scores`), the deepest anomalous callee first when there is a call graph
+    (:func:`rank_services`); the baseline by :class:`RuleBaseline`'s service score.
+    """
+    forecast_services = set(model_services)
+    candidates = [code for code, name in enumerate(services) if name in forecast_services]
+    names = [services[code] for code in candidates]
+    rows = _Rows(forecasts.service_codes, forecasts.target_minutes - horizon, len(services))
+    outcomes, model_rankings, rule_rankings = [], [], []
+    for fault in faults:
+        minute, detected = event_minute(fault, forecasts, horizon)
+        model = rank_services(dict(zip(names, model_service_scores(forecasts, rows, candidates, minute))), call_graph)
+        rule = rank_services({services[code]: baseline.service_score(code, minute) for code in candidates})
+        model_rankings.append(model)
+        rule_rankings.append(rule)
+        outcomes.append(
+            {
+                **fault.as_dict(),
+                "ranked_at": format_minute(minute),
+                "detected": detected,
+                "top5": model[:5],
+                "rank": model.index(fault.service) + 1 if fault.service in model else None,
+                "rule_top5": rule[:5],
+                "rule_rank": rule.index(fault.service) + 1 if fault.service in rule else None,
+            }
+        )
+    truths = [fault.service for fault in faults]
+    n = len(candidates)
+    return {
+        **service_accuracy(model_rankings, truths),
+        "random_top1": metrics.rate(1, n),
+        "random_top3": metrics.rate(min(3, n), n),
+        "n_services": n,
+        "call_graph_edges": len(call_graph.edges) if call_graph is not None else None,
+        "rule_baseline": service_accuracy(rule_rankings, truths),
+        "faults": outcomes,
+    }

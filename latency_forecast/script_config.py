@@ -28,6 +28,11 @@ class CausalityConfig:
     chaos_manifest: str | None = setting(
         None, "chaos manifest (JSON list of injected faults) to score the explanations against; default: no scoring"
     )
+    call_graph: str | None = setting(
+        None,
+        "call graph (JSON: {\"edges\": [{\"caller\": ..., \"callee\": ...}]}) for ranking root-cause services; "
+        "default: call_graph.json beside the store's Parquet files, if there is one",
+    )
     max_samples: int = setting(10, "true-positive events to explain and report (faults of the manifest are all scored)")
     event_order: str = setting(
         "earliest",

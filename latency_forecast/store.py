@@ -7,6 +7,7 @@ less (:func:`minute_span`, :func:`service_rows`, :func:`newest_minutes`). Openin
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from latency_forecast import parquet
+from latency_forecast import graph, parquet
 from latency_forecast.config import TARGET_COLUMN, TimeRangeConfig
 from latency_forecast.data import SERVICE_COLUMN, TIMESTAMP_COLUMN, SeriesTable, TimeRange, format_minute, parallel_map, parse_timestamp
 from latency_forecast.errors import UserError, warn
@@ -193,6 +194,32 @@ def newest_minutes(path: str, services: Sequence[str], before: pd.Timestamp) -> 
         last = np.searchsorted(keys.codes, np.arange(len(keys.names) + 1))[1:] - 1
         newest = {name: int(keys.minutes[row]) for name, row in zip(keys.names, last)}
     return newest
+
+
+def read_call_graph(store_path: str, path: str | None = None, services: Sequence[str] | None = None) -> graph.CallGraph | None:
+    """The call graph at ``path`` or, without one, ``call_graph.json`` beside a local store's
+    Parquet files; None when there is none. Edges naming services not in ``services`` are dropped
+    with a warning (see :func:`graph.parse_call_graph`).
+
+    Raises
+    ------
+    UserError : when ``path`` is given but missing, or the file is not a valid call graph.
+    """
+    if path is None:
+        if "://" in store_path:  # object storage: a graph is passed explicitly
+            return None
+        folder = store_path if os.path.isdir(store_path) else os.path.dirname(os.path.abspath(store_path))
+        path = os.path.join(folder, graph.CALL_GRAPH_FILE)
+        if not os.path.isfile(path):
+            return None
+    try:
+        with open(path) as stream:
+            entries = json.load(stream)
+    except FileNotFoundError as error:
+        raise UserError(f"call graph {path} does not exist; pass a call_graph.json or leave --call-graph out") from error
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read call graph {path} ({type(error).__name__}); it must be JSON like {{\"edges\": [{{\"caller\": ..., \"callee\": ...}}]}}") from error
+    return graph.parse_call_graph(entries, path, services)
 
 
 # ---------------------------------------------------------------------------------------------

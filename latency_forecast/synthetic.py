@@ -4,7 +4,8 @@ The generator is a per-minute fluid model, not noise around a curve: load follow
 weekly seasons and flows down a call graph; each service's p99 grows like an M/M/1 queue as
 utilisation approaches 1, plus backlog wait, plus the latency of the calls it makes. Faults ramp
 up over minutes (the leading indicators a forecaster can use) and are written to a chaos
-manifest with their root-cause feature. Run ``python -m latency_forecast.synthetic --help``.
+manifest with their root-cause feature; the call graph is written beside them. Run
+``python -m latency_forecast.synthetic --help``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from latency_forecast import flags
 from latency_forecast.config import MINUTES_PER_DAY, TARGET_COLUMN
 from latency_forecast.errors import cli_entrypoint
+from latency_forecast.graph import CALL_GRAPH_FILE
 from latency_forecast.script_config import SyntheticConfig
 
 START = pd.Timestamp(SyntheticConfig.start)
@@ -91,6 +93,11 @@ def build_fleet(n_services: int) -> list[ServiceSpec]:
         spec if spec.external_rate or spec.name in called else ServiceSpec(spec.name, spec.dependencies, 40.0, spec.service_time_ms)
         for spec in fleet
     ]
+
+
+def call_graph(n_services: int) -> dict:
+    """The call graph the fleet of ``n_services`` simulates, as ``call_graph.json`` holds it."""
+    return {"edges": [{"caller": spec.name, "callee": callee} for spec in build_fleet(n_services) for callee, _ in spec.dependencies]}
 
 
 def _season(minutes: np.ndarray, start: pd.Timestamp) -> np.ndarray:
@@ -388,7 +395,7 @@ def _iso(timestamp: pd.Timestamp) -> str:
 def build_parser() -> flags.ArgumentParser:
     return flags.build_parser(
         prog="python -m latency_forecast.synthetic",
-        description="Write the demo feature store (hive-partitioned by date) and its chaos_manifest.json.",
+        description="Write the demo feature store (hive-partitioned by date), its chaos_manifest.json and call_graph.json.",
         parents=[flags.parent_parser(SyntheticConfig)],
     )
 
@@ -405,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     frame, manifest = generate(settings.days, settings.services, settings.seed, settings.faults_per_day, start, settings.level_shift_at)
     store.write_feature_store(frame, settings.output)
     artifacts.write_json(manifest, f"{settings.output}/chaos_manifest.json")
+    artifacts.write_json(call_graph(settings.services), f"{settings.output}/{CALL_GRAPH_FILE}")
     print(
         f"wrote {len(frame):,} rows ({frame['service'].nunique()} services x {settings.days} days) "
         f"and {len(manifest)} injected faults to {settings.output}/"

@@ -112,7 +112,9 @@ def test_shap_samples_0_skips_the_explanation(tiny_store, tmp_path):
 def test_analyze_end_to_end_with_a_chaos_manifest(alerting, tiny_store, tmp_path, capsys):
     output = tmp_path / "out" / "causality_report.json"
     manifest = f"{tiny_store}/chaos_manifest.json"
-    code = _analyze(alerting, tiny_store, output, "--chaos-manifest", manifest, "--max-samples", "4")
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps(synthetic.call_graph(4)))
+    code = _analyze(alerting, tiny_store, output, "--chaos-manifest", manifest, "--max-samples", "4", "--call-graph", str(graph))
     assert code == 0, capsys.readouterr().err
     report = json.loads(output.read_text())
     assert _no_nan(report)
@@ -141,9 +143,29 @@ def test_analyze_end_to_end_with_a_chaos_manifest(alerting, tiny_store, tmp_path
     assert len(validation["faults"]) == validation["n_faults"]
     for fault in validation["faults"]:
         assert fault["hit_at_1"] == (fault["top_feature"] == fault["root_cause_feature"])
+    assert {"n_faults", "top1_accuracy", "top3_accuracy", "detected"} <= set(validation["rule_baseline"])
+    assert all(len(fault["rule_top3"]) == 3 for fault in validation["faults"])
+    services = validation["service_level"]
+    n_faults = len(json.loads(open(manifest).read()))
+    assert services["n_faults"] == n_faults == len(services["faults"]), "every fault is scored at service level"
+    assert services["call_graph_edges"] == len(synthetic.call_graph(4)["edges"]) and services["n_services"] == 4
+    for block in (services, services["rule_baseline"]):
+        assert {"top1_accuracy", "top3_accuracy", "avg5"} <= set(block)
+        assert 0 <= block["top1_accuracy"] <= block["top3_accuracy"] <= 1 and 0 <= block["avg5"] <= 1
+    for fault in services["faults"]:
+        assert (fault["rank"] == 1) == (fault["top5"][:1] == [fault["service"]])
+        assert (fault["rule_rank"] == 1) == (fault["rule_top5"][:1] == [fault["service"]])
     assert os.path.getsize(output.with_suffix(".png")) > 0
     out = capsys.readouterr().out
     assert "chaos validation" in out and "AC@1" in out and "random" in out
+    assert "root-cause service" in out and "Avg@5" in out and "rule-based baseline" in out
+
+
+def test_malformed_call_graph_exits_2(capsys, trained, tiny_store, tmp_path):
+    graph = tmp_path / "graph.json"
+    graph.write_text('{"edges": [{"caller": "auth"}]}')
+    _one_line_error(capsys, _analyze(trained, tiny_store, tmp_path / "r.json", "--call-graph", str(graph)), "edge 0 is not an object")
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_event_order_predicted_explains_the_highest_forecasts(alerting, tiny_store, tmp_path):

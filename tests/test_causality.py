@@ -1,12 +1,14 @@
 """True-positive events and chaos scoring on hand-made cases (no model involved)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from latency_forecast import causality, data, store
 from latency_forecast.causality import Fault
 from latency_forecast.errors import UserError
-from tests.helpers import MANIFEST_BUG, hand_evaluation
+from latency_forecast.graph import CallGraph
+from tests.helpers import MANIFEST_BUG, hand_evaluation, table_of
 
 T0 = data.to_minute(store.parse_timestamp("2024-05-01T10:00:00Z", ""))
 
@@ -128,3 +130,88 @@ def test_manifest_with_seconds_null_causes_and_extra_keys_parses():
     )
     assert faults[0].as_dict()["start"] == "2023-01-29T08:43:00Z" and faults[0].root_cause_feature is None
     assert faults[1].root_cause_feature is None
+
+
+# ----------------------------------------------------------------------------- root-cause services
+
+
+def test_service_accuracy_is_rcaeval_ac_at_k_and_avg5():
+    rankings = [["a", "b", "c"], ["b", "a", "c", "d", "e"], ["c", "d", "e", "f", "b"], ["x"]]
+    truths = ["a", "a", "b", "b"]
+    # AC@1 1/4; AC@2 2/4; AC@3 2/4; AC@4 2/4; AC@5 3/4 (b is fifth in the third); Avg@5 their mean
+    summary = causality.service_accuracy(rankings, truths)
+    assert summary["n_faults"] == 4
+    assert summary["top1_accuracy"] == 0.25 and summary["top3_accuracy"] == 0.5
+    assert summary["avg5"] == pytest.approx((0.25 + 0.5 + 0.5 + 0.5 + 0.75) / 5)
+    assert causality.service_accuracy([], []) == {"n_faults": 0, "top1_accuracy": None, "top3_accuracy": None, "avg5": None}
+
+
+def test_robust_z_against_the_trailing_window():
+    trailing = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 1.0], [5.0, 0.0]])
+    recent = np.array([[9.0, 0.0], [11.0, np.nan]])
+    z = causality.robust_z(recent, trailing, floor=0.5)
+    # column 0: median 3, MAD 1 (1.4826), mean |dev| 1.2 (1.504): (10 - 3) / 1.504
+    assert z[0] == pytest.approx(7.0 / (1.2533 * 1.2))
+    # column 1: MAD 0 and mean |dev| 0.2 (0.25) fall under the floor: (0 - 0) / 0.5
+    assert z[1] == 0.0
+    assert np.isnan(causality.robust_z(recent, trailing[:0], 0.5)).all(), "no trailing minutes, no z"
+
+
+def test_call_graph_puts_the_deepest_anomalous_callee_first():
+    scores = {"frontend": 12.0, "checkout": 9.0, "payment": 5.0, "cache": 1.0, "lost": float("nan")}
+    assert causality.rank_services(scores) == ["frontend", "checkout", "payment", "cache"]
+    edges = (("frontend", "checkout"), ("checkout", "payment"), ("checkout", "cache"))
+    ranked = causality.rank_services(scores, CallGraph(edges))
+    assert ranked == ["payment", "frontend", "checkout", "cache"], "cache is not anomalous: payment is the deepest"
+
+
+def _injected_table(tmp_path):
+    """Services a, b, c over 120 minutes of noise; from minute 100 b's cpu and latency climb,
+    and c (b's caller) sees a little of b's latency."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for service in ("a", "b", "c"):
+        for minute in range(120):
+            rise = max(0, minute - 99) if service == "b" else 0
+            rows.append(
+                {
+                    "timestamp": pd.Timestamp("2024-05-01T10:00:00Z") + pd.Timedelta(minutes=minute),
+                    "service": service,
+                    "cpu": 0.5 + rng.normal(0, 0.02) + 0.05 * rise,
+                    "mem": 0.4 + rng.normal(0, 0.02),
+                    "target_latency_p99": 100.0 * np.exp(rng.normal(0, 0.05)) * (1 + 0.3 * rise if service == "b" else 1 + 0.05 * max(0, minute - 101) if service == "c" else 1),
+                }
+            )
+    return table_of(pd.DataFrame(rows), tmp_path, feature_columns=["cpu", "mem"])
+
+
+def test_rule_baseline_ranks_the_injected_service_and_feature_first(tmp_path):
+    table = _injected_table(tmp_path)
+    baseline = causality.RuleBaseline(table, table.features, ["cpu", "mem"])
+    at = T0 + 104
+    scores = {name: baseline.service_score(code, at) for code, name in enumerate(table.services)}
+    assert causality.rank_services(scores)[0] == "b"
+    assert scores["b"] > 5 > scores["a"]
+    assert baseline.rank_features(table.services.index("b"), at) == ["cpu", "mem"]
+    assert np.isnan(baseline.service_score(0, T0 + 2)), "no trailing window at the store's start"
+
+
+def test_service_level_summary_beside_the_rule_baseline(tmp_path):
+    table = _injected_table(tmp_path)
+    horizon = 2
+    codes, minutes, latency = table.service_codes, table.minutes, table.target.astype(np.float64)
+    forecast = latency.copy()  # a model that forecasts the latency it will see: caller c rises too
+    forecast[codes == 2] *= np.where(minutes[codes == 2] >= T0 + 100, 3.0, 1.0)  # ...and more than b
+    forecasts = hand_evaluation(codes, minutes + horizon, forecast, latency, latency_threshold=250.0)
+    baseline = causality.RuleBaseline(table, table.features, ["cpu", "mem"])
+    faults = [_fault("b", 100, 110, "cpu", "cpu")]
+    plain = causality.service_level_summary(faults, forecasts, table.services, ["a", "b", "c"], baseline, horizon)
+    assert plain["faults"][0]["top5"][0] == "c" and plain["top1_accuracy"] == 0.0
+    graph = CallGraph((("c", "b"),))
+    summary = causality.service_level_summary(faults, forecasts, table.services, ["a", "b", "c"], baseline, horizon, graph)
+    assert summary["top1_accuracy"] == 1.0 and summary["avg5"] == 1.0 and summary["call_graph_edges"] == 1
+    assert summary["rule_baseline"]["top1_accuracy"] == 1.0
+    assert summary["random_top1"] == pytest.approx(1 / 3) and summary["n_services"] == 3
+    (outcome,) = summary["faults"]
+    assert outcome["rank"] == 1 and outcome["rule_rank"] == 1 and outcome["rule_top5"][0] == "b"
+    assert outcome["detected"] and outcome["ranked_at"] > "2024-05-01T11:40:00Z"

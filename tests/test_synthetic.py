@@ -51,7 +51,7 @@ def test_latency_follows_utilisation_and_faults_breach(tiny_frame):
 def test_cli_writes_hive_partitioned_store(tmp_path, capsys):
     out = tmp_path / "store"
     assert synthetic.main(["--output", str(out), "--days", "2", "--services", "3", "--seed", "1"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["chaos_manifest.json", "date=2024-05-01", "date=2024-05-02"]
+    assert sorted(p.name for p in out.iterdir()) == ["call_graph.json", "chaos_manifest.json", "date=2024-05-01", "date=2024-05-02"]
     table = store.load_feature_store(str(out))
     assert table.services == ["auth", "cache", "payment"]
     frame, manifest = synthetic.generate(days=2, n_services=3, seed=1)
@@ -59,7 +59,7 @@ def test_cli_writes_hive_partitioned_store(tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {len(frame):,} rows (3 services x 2 days) and {len(manifest)} injected faults to {out}/\n"
     # rerunning replaces the store in one swap
     assert synthetic.main(["--output", str(out), "--days", "1", "--services", "3"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["chaos_manifest.json", "date=2024-05-01"]
+    assert sorted(p.name for p in out.iterdir()) == ["call_graph.json", "chaos_manifest.json", "date=2024-05-01"]
 
 
 def test_fleet_scales_past_the_base_graph():
@@ -78,7 +78,7 @@ def test_fleet_scales_past_the_base_graph():
 def test_start_moves_the_store(tmp_path):
     out = tmp_path / "store"
     assert synthetic.main(["--output", str(out), "--days", "1", "--services", "1", "--start", "2023-01-02T00:00:00Z"]) == 0
-    assert [p.name for p in sorted(out.iterdir())] == ["chaos_manifest.json", "date=2023-01-02"]
+    assert [p.name for p in sorted(out.iterdir())] == ["call_graph.json", "chaos_manifest.json", "date=2023-01-02"]
 
 
 @pytest.mark.parametrize(
