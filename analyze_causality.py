@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ import pandas as pd
 
 from latency_forecast import artifacts, causality, data, flags, plots, store, training
 from latency_forecast.config import ExplainConfig, StoreConfig, TimeRangeConfig
-from latency_forecast.errors import UserError, cli_entrypoint, warn
+from latency_forecast.errors import cli_entrypoint, warn
 from latency_forecast.forecaster import Forecaster
 from latency_forecast.script_config import CausalityConfig, CheckpointConfig
 
@@ -33,13 +32,7 @@ def build_parser() -> flags.ArgumentParser:
 
 
 def _read_manifest(path: str) -> list[causality.Fault]:
-    try:
-        with open(path) as stream:
-            entries = json.load(stream)
-    except FileNotFoundError as error:
-        raise UserError(f"chaos manifest {path} does not exist; pass the chaos_manifest.json of the chaos run") from error
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read chaos manifest {path} ({type(error).__name__}); it must be a JSON list of faults") from error
+    entries = store.read_json(path, f"chaos manifest {path}", "pass the chaos_manifest.json of the chaos run", "a JSON list of faults")
     return causality.parse_manifest(entries, path)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -212,14 +212,22 @@ def read_call_graph(store_path: str, path: str | None = None, services: Sequence
         path = os.path.join(folder, graph.CALL_GRAPH_FILE)
         if not os.path.isfile(path):
             return None
+    entries = read_json(
+        path, f"call graph {path}", "pass a call_graph.json or leave --call-graph out",
+        'JSON like {"edges": [{"caller": ..., "callee": ...}]}',
+    )
+    return graph.parse_call_graph(entries, path, services)
+
+
+def read_json(path: str, what: str, fix_when_missing: str, expected: str) -> Any:
+    """The JSON in ``path``, or a UserError naming ``what`` it is and how to fix it."""
     try:
         with open(path) as stream:
-            entries = json.load(stream)
+            return json.load(stream)
     except FileNotFoundError as error:
-        raise UserError(f"call graph {path} does not exist; pass a call_graph.json or leave --call-graph out") from error
+        raise UserError(f"{what} does not exist; {fix_when_missing}") from error
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot read call graph {path} ({type(error).__name__}); it must be JSON like {{\"edges\": [{{\"caller\": ..., \"callee\": ...}}]}}") from error
-    return graph.parse_call_graph(entries, path, services)
+        raise UserError(f"cannot read {what} ({type(error).__name__}); it must be {expected}") from error
 
 
 # ---------------------------------------------------------------------------------------------
