@@ -557,14 +557,14 @@ class RuleBaseline:
         return [self.names[i] for i in order if np.isfinite(feature_z[i])]
 
 
-def model_service_scores(forecasts: Evaluation, rows: _Rows, codes: Sequence[int], minute: int) -> np.ndarray:
-    """Per service code, the robust z of the model's log forecast over the ``RECENT_MINUTES`` of
-    alerts up to ``minute`` against the ``TRAILING_MINUTES`` before them: how far the forecast
-    left that service's normal. NaN where a service has no forecast in either window.
+def model_service_scores(log_forecast: np.ndarray, rows: _Rows, codes: Sequence[int], minute: int) -> np.ndarray:
+    """Per service code, the robust z of the model's log forecast (``log_forecast``, per evaluated
+    sample) over the ``RECENT_MINUTES`` of alerts up to ``minute`` against the ``TRAILING_MINUTES``
+    before them: how far the forecast left that service's normal. NaN where a service has no
+    forecast in either window.
 
-    ``rows`` indexes ``forecasts`` by (service code, alert minute t = forecast minute - H).
+    ``rows`` indexes the samples by (service code, alert minute t = forecast minute - H).
     """
-    log_forecast = _log_ms(forecasts.forecast)
     scores = np.full(len(codes), np.nan)
     for i, code in enumerate(codes):
         recent, trailing = rows.recent_and_trailing(code, minute)
@@ -602,10 +602,11 @@ def service_level_summary(
     candidates = [code for code, name in enumerate(services) if name in forecast_services]
     names = [services[code] for code in candidates]
     rows = _Rows(forecasts.service_codes, forecasts.target_minutes - horizon, len(services))
+    log_forecast = _log_ms(forecasts.forecast)  # once, not per fault
     outcomes, model_rankings, rule_rankings = [], [], []
     for fault in faults:
         minute, detected = event_minute(fault, forecasts, horizon)
-        model = rank_services(dict(zip(names, model_service_scores(forecasts, rows, candidates, minute))), call_graph)
+        model = rank_services(dict(zip(names, model_service_scores(log_forecast, rows, candidates, minute))), call_graph)
         rule = rank_services({services[code]: baseline.service_score(code, minute) for code in candidates})
         model_rankings.append(model)
         rule_rankings.append(rule)
