@@ -309,11 +309,14 @@ def analyze(
     report_events, figure_events = _describe_events(
         chosen, forecasts, table.services, inside, attributions, explained, rankings, forecaster.feature_columns, horizon
     )
+    ranker = ServiceRanker(forecasts, table.services, forecaster.services, horizon, call_graph)
+    for event, described in zip(chosen, report_events):  # where each predicted spike came from
+        described["root_cause_services"] = ranker.rank(int(forecasts.target_minutes[event.position]) - horizon)[:3]
     report = _analysis_report(forecaster, time_range, forecasts, attributions.method, events, config.event_order, report_events)
     if faults is not None:
         report["validation"] = validation_summary(cases, forecasts, len(rankable), len(faults) - len(inside))
         report["validation"]["service_level"] = service_level_summary(
-            inside, forecasts, table.services, forecaster.services, baseline, horizon, call_graph
+            inside, forecasts, table.services, ranker, baseline, horizon
         )
     return Analysis(report, figure_events)
 
@@ -582,14 +585,31 @@ def event_minute(fault: Fault, forecasts: Evaluation, horizon: int) -> tuple[int
     return fault.end, False
 
 
+class ServiceRanker:
+    """The model's ranking of root-cause services at a minute of data: the services the model
+    forecasts, by how far their forecast left its normal (:func:`model_service_scores`), the
+    deepest anomalous callee first when there is a call graph (:func:`rank_services`)."""
+
+    def __init__(self, forecasts: Evaluation, services: Sequence[str], model_services: Sequence[str], horizon: int, call_graph: CallGraph | None):
+        forecast_services = set(model_services)
+        self.codes = [code for code, name in enumerate(services) if name in forecast_services]
+        self.names = [services[code] for code in self.codes]
+        self.rows = _Rows(forecasts.service_codes, forecasts.target_minutes - horizon, len(services))
+        self.log_forecast = _log_ms(forecasts.forecast)  # once, not per fault or event
+        self.call_graph = call_graph
+
+    def rank(self, minute: int) -> list[str]:
+        scores = model_service_scores(self.log_forecast, self.rows, self.codes, minute)
+        return rank_services(dict(zip(self.names, scores)), self.call_graph)
+
+
 def service_level_summary(
     faults: Sequence[Fault],
     forecasts: Evaluation,
     services: Sequence[str],
-    model_services: Sequence[str],
+    ranker: ServiceRanker,
     baseline: RuleBaseline,
     horizon: int,
-    call_graph: CallGraph | None = None,
 ) -> dict[str, Any]:
     """The report's ``validation.service_level`` block: AC@1, AC@3 and Avg@5 of the root-cause
     service over every fault, for the model and the rule-based baseline on the same events.
@@ -598,15 +618,11 @@ def service_level_summary(
     (:func:`model_service_scores`), the deepest anomalous callee first when there is a call graph
     (:func:`rank_services`); the baseline by :class:`RuleBaseline`'s service score.
     """
-    forecast_services = set(model_services)
-    candidates = [code for code, name in enumerate(services) if name in forecast_services]
-    names = [services[code] for code in candidates]
-    rows = _Rows(forecasts.service_codes, forecasts.target_minutes - horizon, len(services))
-    log_forecast = _log_ms(forecasts.forecast)  # once, not per fault
+    candidates = ranker.codes
     outcomes, model_rankings, rule_rankings = [], [], []
     for fault in faults:
         minute, detected = event_minute(fault, forecasts, horizon)
-        model = rank_services(dict(zip(names, model_service_scores(log_forecast, rows, candidates, minute))), call_graph)
+        model = ranker.rank(minute)
         rule = rank_services({services[code]: baseline.service_score(code, minute) for code in candidates})
         model_rankings.append(model)
         rule_rankings.append(rule)
@@ -628,7 +644,7 @@ def service_level_summary(
         "random_top1": metrics.rate(1, n),
         "random_top3": metrics.rate(min(3, n), n),
         "n_services": n,
-        "call_graph_edges": len(call_graph.edges) if call_graph is not None else None,
+        "call_graph_edges": len(ranker.call_graph.edges) if ranker.call_graph is not None else None,
         "rule_baseline": service_accuracy(rule_rankings, truths),
         "faults": outcomes,
     }

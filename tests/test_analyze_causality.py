@@ -125,6 +125,7 @@ def test_analyze_end_to_end_with_a_chaos_manifest(alerting, tiny_store, tmp_path
     features = report["model"]["feature_columns"]
     for event in report["events"]:
         assert {"service", "timestamp", "predicted", "actual", "top_feature", "scores", "fault"} <= set(event)
+        assert 1 <= len(event["root_cause_services"]) <= 3 and len(set(event["root_cause_services"])) == len(event["root_cause_services"])
         assert event["timestamp"].endswith("Z") and list(event["scores"]) == features
         assert event["predicted"] >= report["model"]["latency_thresholds"]["default"] <= event["actual"]
         causes = {name: score for name, score in event["scores"].items() if name != "target_latency_p99"}

@@ -205,10 +205,12 @@ def test_service_level_summary_beside_the_rule_baseline(tmp_path):
     forecasts = hand_evaluation(codes, minutes + horizon, forecast, latency, latency_threshold=250.0)
     baseline = causality.RuleBaseline(table, table.features, ["cpu", "mem"])
     faults = [_fault("b", 100, 110, "cpu", "cpu")]
-    plain = causality.service_level_summary(faults, forecasts, table.services, ["a", "b", "c"], baseline, horizon)
+    plain_ranker = causality.ServiceRanker(forecasts, table.services, ["a", "b", "c"], horizon, None)
+    plain = causality.service_level_summary(faults, forecasts, table.services, plain_ranker, baseline, horizon)
     assert plain["faults"][0]["top5"][0] == "c" and plain["top1_accuracy"] == 0.0
     graph = CallGraph((("c", "b"),))
-    summary = causality.service_level_summary(faults, forecasts, table.services, ["a", "b", "c"], baseline, horizon, graph)
+    ranker = causality.ServiceRanker(forecasts, table.services, ["a", "b", "c"], horizon, graph)
+    summary = causality.service_level_summary(faults, forecasts, table.services, ranker, baseline, horizon)
     assert summary["top1_accuracy"] == 1.0 and summary["avg5"] == 1.0 and summary["call_graph_edges"] == 1
     assert summary["rule_baseline"]["top1_accuracy"] == 1.0
     assert summary["random_top1"] == pytest.approx(1 / 3) and summary["n_services"] == 3
