@@ -13,7 +13,6 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-import skops.io
 from sklearn.ensemble import HistGradientBoostingRegressor
 
 LOSSES = ("log_absolute_error", "log_squared_error", "absolute_error")
@@ -260,12 +259,16 @@ class GradientBoostingBaseline:
     def saved(self) -> bytes:
         """The fitted trees as a skops file's bytes (read back by :meth:`from_saved`), made once:
         identical fits give identical bytes (:func:`_canonical`), and the checkpoint keeps their digest."""
+        import skops.io  # here: importing it takes over a second (it lists every scikit-learn estimator)
+
         return _canonical(skops.io.dumps(self.regressor))
 
     @classmethod
     def from_saved(cls, state: dict, saved: bytes) -> "GradientBoostingBaseline":
         """Rebuild from :meth:`state` and :attr:`saved`; UntrustedModelError when ``saved`` holds
         any type outside TRUSTED_TYPES (nothing of it is run) or is not a skops file."""
+        import skops.io
+
         try:
             untrusted = sorted(set(skops.io.get_untrusted_types(data=saved)) - set(TRUSTED_TYPES))
         except Exception as error:  # a damaged or foreign file: skops' errors vary by what it found

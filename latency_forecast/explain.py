@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import shap
 import torch
 
 from latency_forecast.background import Background
@@ -148,6 +147,8 @@ def explain_service(
         return result
 
     exact = len(players) <= config.max_exact_features
+    import shap  # here, not at the top: shap takes most of a second to import, and most runs never explain
+
     explainer = shap.KernelExplainer(coalition_values, np.zeros((1, len(players))))
     nsamples = 2 ** len(players) if exact else config.coalition_samples
     with _seeded_numpy(seed):
