@@ -132,8 +132,9 @@ class ModelConfig:
         "relative",
         f"how an anchored model reads {TARGET_COLUMN}'s history: relative (as the log ratio to the latency at t, "
         "so a service whose level moved after training is forecast from where it is now; ahead of level on the "
-        "judging protocol's median split, docs/results.md) or level (scaled like every feature)",
-        choices=("level", "relative"),
+        "judging protocol's median split, docs/results.md), difference (its change from the minute before, which "
+        "--targets-per-sequence above 1 needs: relative to t differs at every step) or level (scaled like every feature)",
+        choices=("level", "relative", "difference"),
     )
     multitask: bool = setting(
         False, "add a head for the breach probability, trained jointly; alerts then fire on that probability"
@@ -194,10 +195,10 @@ class TrainingConfig:
     epochs: int = setting(20, "maximum passes over the training windows")
     batch_size: int = setting(
         0,
-        f"windows per optimisation step; 0 (auto): {AUTO_BATCH_SIZES[0]}, doubled up to {AUTO_BATCH_SIZES[-1]} while an epoch "
+        f"windows (with --targets-per-sequence above 1: sequences) per optimisation step; 0 (auto): {AUTO_BATCH_SIZES[0]}, doubled up to {AUTO_BATCH_SIZES[-1]} while an epoch "
         f"would take more than {MAX_AUTO_BATCH_STEPS} steps (smaller batches forecast better on every development "
         "store; larger ones keep an epoch's cost bounded on large stores). The cause model, which only ranks "
-        f"features, trains in batches of at least {AUTO_BATCH_SIZES[-1]}",
+        f"features, trains in batches of at least {AUTO_BATCH_SIZES[-1]}. Sequences: as many as hold twice those windows' targets",
     )
     learning_rate: float = setting(2e-3, "Adam learning rate")
     weight_decay: float = setting(0.0, "Adam weight decay (L2)")
@@ -208,6 +209,12 @@ class TrainingConfig:
         "(ReduceLROnPlateau's patience); 1 scores worse on TrainTicket's validation and the synthetic stores' episodes",
     )
     gradient_clip: float = setting(1.0, "clip the gradient norm to this (0 disables); keeps spike batches from derailing the LSTM")
+    targets_per_sequence: int = setting(
+        1,
+        "sequence training: each training sequence is --sequence-length minutes of warm-up plus this many minus one, "
+        "with a target at each of its last this many minutes (one pass of the network serves them all); 1: one "
+        "target per window. Forecasts always read --sequence-length minutes",
+    )
     samples_per_epoch: int = setting(
         100_000,
         "training windows drawn (without replacement) per epoch; 0 uses all. Neighbouring "
@@ -247,6 +254,7 @@ class TrainingConfig:
         require(self.batch_size >= 0, "--batch-size must be 0 (auto) or more")
         require(self.learning_rate > 0, "--learning-rate must be positive")
         require(self.weight_decay >= 0, "--weight-decay must be 0 or more")
+        require(self.targets_per_sequence >= 1, "--targets-per-sequence must be at least 1")
         require(self.samples_per_epoch >= 0, "--samples-per-epoch must be 0 (all) or more")
         require(self.huber_delta > 0, "--huber-delta must be positive")
         require(self.quantile_loss_weight >= 0, "--quantile-loss-weight must be 0 or more")

@@ -208,6 +208,11 @@ def fit_networks(
     Returns the forecaster, the table prepared for it, and the per-epoch history. Automatic
     batch and ensemble sizes are resolved here and recorded in the forecaster's settings.
     """
+    if settings.training.targets_per_sequence > 1 and settings.model.latency_history == "relative":
+        raise UserError(
+            "--targets-per-sequence above 1 forecasts from every step of a sequence, but --latency-history relative reads "
+            "the latency relative to one step; use --latency-history difference (or level)"
+        )
     forecaster = untrained_forecaster(table, fit_range, settings)
     prepared = forecaster.prepare(table, inplace=inplace)
     if len(prepared.ends) == 0:
@@ -229,9 +234,13 @@ def _resolve_auto_sizes(forecaster: Forecaster, windows: int, log: Callable[[str
     training_config, model_config = forecaster.training_config, forecaster.model_config
     if training_config.batch_size == 0:
         batch_size = auto_batch_size(windows, training_config.samples_per_epoch, distributed.rank_and_world_size()[1])
+        steps = training_config.targets_per_sequence
+        if steps > 1:
+            batch_size = sequences_per_batch(batch_size, steps)
         training_config = dataclasses.replace(training_config, batch_size=batch_size)
         forecaster = dataclasses.replace(forecaster, training_config=training_config)
-        log(f"batches of {batch_size} windows ({windows:,} training windows, at most {config.MAX_AUTO_BATCH_STEPS} steps an epoch)")
+        unit = f"sequences of {steps} targets" if steps > 1 else "windows"
+        log(f"batches of {batch_size} {unit} ({windows:,} training windows, at most {config.MAX_AUTO_BATCH_STEPS} steps an epoch)")
     if model_config.ensemble_size == 0:
         model_config = dataclasses.replace(model_config, ensemble_size=auto_ensemble_size(windows, training_config.samples_per_epoch))
         forecaster = dataclasses.replace(forecaster, model_config=model_config)
@@ -275,7 +284,8 @@ def fit_cause_model(
     settings = dataclasses.replace(
         training_config,
         patience=max(training_config.patience, CAUSE_MODEL_MIN_PATIENCE),
-        batch_size=max(training_config.batch_size, CAUSE_MODEL_MIN_BATCH_SIZE),
+        batch_size=max(training_config.batch_size, sequences_per_batch(CAUSE_MODEL_MIN_BATCH_SIZE, training_config.targets_per_sequence)
+                       if training_config.targets_per_sequence > 1 else CAUSE_MODEL_MIN_BATCH_SIZE),
     )
     history = training.fit(model, prepared.tensors, train_ends, stop_ends, settings, progress, log, resume)
     return model, history
@@ -294,6 +304,14 @@ def auto_ensemble_size(training_windows: int, samples_per_epoch: int) -> int:
     if not samples_per_epoch:
         return config.MIN_AUTO_ENSEMBLE
     return max(config.MIN_AUTO_ENSEMBLE, min(config.MAX_AUTO_ENSEMBLE, samples_per_epoch // max(training_windows, 1)))
+
+
+def sequences_per_batch(windows_per_batch: int, targets_per_sequence: int) -> int:
+    """``--batch-size 0`` under sequence training: sequences holding twice the targets of the
+    automatic batch of windows, so an epoch takes half the steps. A sequence's targets are
+    neighbouring minutes, worth less than as many windows drawn across the store (batches of 64
+    sequences of 8 lost to 16 on the development stores)."""
+    return max(1, round(2 * windows_per_batch / targets_per_sequence))
 
 
 def auto_batch_size(training_windows: int, samples_per_epoch: int, world_size: int = 1) -> int:

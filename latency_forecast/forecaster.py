@@ -383,12 +383,12 @@ def build_model(
     ``ensemble_size`` above 1, that many such networks (an unresolved auto size builds one)."""
 
     anchored = reads_latency_history(feature_columns) and model_config.anchor == "auto"
-    relative = list(feature_columns).index(config.TARGET_COLUMN) if anchored and model_config.latency_history == "relative" else None
+    relative = list(feature_columns).index(config.TARGET_COLUMN) if anchored and model_config.latency_history != "level" else None
 
     def network() -> LatencyForecaster:
         return LatencyForecaster(
             len(feature_columns), n_services, model_config, normalizer.location, normalizer.scale, normalizer.pooled,
-            anchored=anchored, relative_column=relative,
+            anchored=anchored, relative_column=relative, differenced=model_config.latency_history == "difference",
         )
 
     if model_config.ensemble_size <= 1:

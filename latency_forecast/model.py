@@ -54,14 +54,17 @@ class LatencyForecaster(nn.Module):
         input_columns: Sequence[int] | None = None,
         anchored: bool = False,
         relative_column: int | None = None,
+        differenced: bool = False,
     ):
         """``input_columns``: the model reads only these columns of the windows it is given
         (``n_features`` of them); None reads all ``n_features``. ``relative_column``: the column
-        the network reads relative to its value at t (an anchored model's latency history)."""
+        the network reads relative to its value at t (an anchored model's latency history), or
+        with ``differenced`` as its change from the minute before (0 at a window's first minute),
+        which does not depend on t, so one pass over a sequence serves a target at every step."""
         super().__init__()
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[config.cell]
         self.rnn = recurrent(
-            input_size=n_features,
+            input_size=n_features + int(differenced and relative_column is not None),
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             batch_first=True,
@@ -82,6 +85,7 @@ class LatencyForecaster(nn.Module):
         if relative_column is not None and not anchored:
             raise ValueError("only an anchored model reads its latency relative to t: the anchor carries the level")
         self.relative_column = relative_column
+        self.differenced = differenced
         with torch.no_grad():  # the absolute part starts small: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
         # target statistics (from training rows), so the head can mix the two parts
@@ -103,24 +107,41 @@ class LatencyForecaster(nn.Module):
         current: torch.Tensor | None = None,
         full: bool = False,
         members: bool = False,
+        steps: int = 0,
     ) -> torch.Tensor | Outputs:
         """``windows`` (batch, sequence_length, n_features), ``service_codes`` (batch,) and, for an
         anchored model, ``current`` (batch,) the standardised latency at t -> the point forecast
         (batch,), what explanations explain; with ``full`` every output (:class:`Outputs`); with
         ``members`` every output of each network, stacked on a leading axis (one network here,
-        see :class:`Ensemble`), which is what training's loss reads."""
+        see :class:`Ensemble`), which is what training's loss reads.
+
+        ``steps`` > 0 (sequence training): a forecast from each of the last ``steps`` minutes of
+        longer windows, each output gaining a step axis after the batch's and ``current`` being
+        (batch, steps); the network's state at a step has read only the minutes up to it."""
         if members:
-            return Outputs(*(None if output is None else output[None] for output in self._outputs(windows, service_codes, current, True)))
-        return self._outputs(windows, service_codes, current, full)
+            return Outputs(*(None if output is None else output[None] for output in self._outputs(windows, service_codes, current, True, steps)))
+        return self._outputs(windows, service_codes, current, full, steps)
 
     def _outputs(
-        self, windows: torch.Tensor, service_codes: torch.Tensor, current: torch.Tensor | None, full: bool
+        self, windows: torch.Tensor, service_codes: torch.Tensor, current: torch.Tensor | None, full: bool, steps: int = 0
     ) -> torch.Tensor | Outputs:
         if self.anchored and current is None:
             raise ValueError("this model forecasts the change from the latency at t: pass current")
         if self.input_columns is not None:
             windows = windows.index_select(-1, self.input_columns)
-        if self.relative_column is not None:
+        if self.relative_column is not None and self.differenced:
+            # the latency's minute-to-minute change (log ratio to the minute before): its level is
+            # the anchor's, at whichever step the forecast starts from
+            column = windows[..., self.relative_column]
+            change = torch.cat([torch.zeros_like(column[:, :1]), column[:, 1:] - column[:, :-1]], dim=1)
+            # and its distance from the window's running mean so far: where it stands against the
+            # minutes before, without an integration of noisy changes
+            minutes = torch.arange(1, column.shape[1] + 1, device=column.device, dtype=column.dtype)
+            above = column - torch.cumsum(column, dim=1) / minutes
+            windows = torch.cat(
+                [windows[..., : self.relative_column], change[..., None], windows[..., self.relative_column + 1 :], above[..., None]], dim=-1
+            )
+        elif self.relative_column is not None:
             # the shape of the latency's recent history, not its level: a service whose level moved
             # after training is forecast from where it is now (the anchor), not pulled back to
             # where it was (scaled log latency, so this is the log ratio to the latency at t)
@@ -128,23 +149,26 @@ class LatencyForecaster(nn.Module):
             level[..., self.relative_column] = windows[:, -1, self.relative_column, None]
             windows = windows - level
         output, _ = self.rnn(windows)
-        last = output[:, -1]
-        if self.embedding is not None:
-            last = torch.cat([last, self.embedding(service_codes)], dim=-1)
-        heads = self.head(last)
+        last = output[:, -steps:] if steps else output[:, -1]  # (batch, [steps,] hidden)
         location, scale = self.location[service_codes], self.scale[service_codes]
-        change = heads[:, 0] + current if self.anchored else heads[:, 0]
+        if self.embedding is not None:
+            embedded = self.embedding(service_codes)
+            last = torch.cat([last, embedded[:, None].expand(-1, steps, -1) if steps else embedded], dim=-1)
+        if steps:
+            location, scale = location[:, None], scale[:, None]
+        heads = self.head(last)
+        change = heads[..., 0] + current if self.anchored else heads[..., 0]
         relative = location + scale * change
-        absolute = self.pooled[0] + self.pooled[1] * heads[:, 1]
+        absolute = self.pooled[0] + self.pooled[1] * heads[..., 1]
         forecast = (torch.logaddexp(relative, absolute) - location) / scale
         quantiles = None
         if full and self.n_quantiles:
-            raw = heads[:, 2 : 2 + self.n_quantiles]
-            steps = torch.cat([raw[:, :1], F.softplus(raw[:, 1:])], dim=1)
-            quantiles = forecast[:, None] + torch.cumsum(steps, dim=1)
+            raw = heads[..., 2 : 2 + self.n_quantiles]
+            increments = torch.cat([raw[..., :1], F.softplus(raw[..., 1:])], dim=-1)
+            quantiles = forecast[..., None] + torch.cumsum(increments, dim=-1)
         if not full:
             return forecast
-        return Outputs(forecast, quantiles, heads[:, -1] if self.multitask else None)
+        return Outputs(forecast, quantiles, heads[..., -1] if self.multitask else None)
 
 
 class Ensemble(nn.Module):
@@ -176,11 +200,12 @@ class Ensemble(nn.Module):
         current: torch.Tensor | None = None,
         full: bool = False,
         members: bool = False,
+        steps: int = 0,
     ) -> torch.Tensor | Outputs:
         """As :meth:`LatencyForecaster.forward`, averaged over the networks (``members``: not averaged)."""
         if not (full or members):
-            return torch.stack([member(windows, service_codes, current) for member in self.members]).mean(0)
-        each = [member(windows, service_codes, current, full=True) for member in self.members]
+            return torch.stack([member(windows, service_codes, current, steps=steps) for member in self.members]).mean(0)
+        each = [member(windows, service_codes, current, full=True, steps=steps) for member in self.members]
         stacked = Outputs(*(None if parts[0] is None else torch.stack(parts) for parts in zip(*each)))
         if members:
             return stacked

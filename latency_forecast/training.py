@@ -71,6 +71,15 @@ class SeriesTensors:
         offsets = torch.arange(1 - self.sequence_length, 1, device=ends.device)
         return self.inputs[ends[:, None] + offsets], self.service_codes[ends].long()
 
+    def sequences(self, first: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences (batch, sequence_length + steps - 1, n_features) whose first ``sequence_length``
+        rows are the window ending at each ``first``, then the ``steps - 1`` rows after it, and the
+        service codes. Rows past the table's end read its last row, and missing values read 0: the
+        steps they reach are never supervised (the loss masks them), but must stay finite."""
+        offsets = torch.arange(1 - self.sequence_length, steps, device=first.device)
+        rows = (first[:, None] + offsets).clamp_(max=len(self.inputs) - 1)
+        return torch.nan_to_num(self.inputs[rows]), self.service_codes[first].long()
+
     def batch(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows, service codes and targets (at t+H) for these ends."""
         windows, services = self.windows(ends)
@@ -178,13 +187,52 @@ def pinball_loss(quantiles: torch.Tensor, target: torch.Tensor, levels: torch.Te
     return torch.maximum(levels * error, (levels - 1) * error).mean()
 
 
+def training_sequences(ends: np.ndarray, steps: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The training samples cut into sequences of at most ``steps`` consecutive ends (sequence
+    training): each sequence's first end, and how many ends it has (its supervised steps).
+
+    A sequence never spans a missing end, so its first window and every row up to its last
+    supervised step are valid inputs of one service. Every end is in exactly one sequence;
+    ``offset`` (0 .. steps-1, drawn per epoch) moves the cuts so that the same minutes do not
+    always share one. With ``steps`` 1 the sequences are the ends themselves.
+    """
+    ends = np.sort(np.asarray(ends, dtype=np.int64))
+    if steps == 1 or len(ends) == 0:
+        return ends, np.ones(len(ends), dtype=np.int64)
+    index = np.arange(len(ends))
+    starts_run = np.r_[True, np.diff(ends) != 1]
+    position = index - np.maximum.accumulate(np.where(starts_run, index, 0))  # within its run of consecutive ends
+    first = np.flatnonzero(starts_run | ((position + offset) % steps == 0))
+    return ends[first], np.diff(np.r_[first, len(ends)])
+
+
 def _batch_loss(
-    model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, levels: torch.Tensor | None
+    model: nn.Module,
+    series: SeriesTensors,
+    ends: torch.Tensor,
+    loss: Callable,
+    config: TrainingConfig,
+    levels: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
+    steps: int = 0,
 ) -> torch.Tensor:
     """Regression loss, plus the quantiles' pinball loss and a multitask model's weighted breach BCE,
-    each network's own (an ensemble's networks learn side by side, not as one averaged forecast)."""
-    windows, services, target = series.batch(ends)
-    outputs = model(windows, services, series.current(ends), members=True)
+    each network's own (an ensemble's networks learn side by side, not as one averaged forecast).
+
+    With ``steps`` (sequence training), ``ends`` are sequences' first ends and ``counts`` how many
+    of their ``steps`` steps are supervised; every supervised step weighs as one sample."""
+    if steps:
+        assert counts is not None, "sequence training needs each sequence's count of targets"
+        windows, services = series.sequences(ends, steps)
+        mask = torch.arange(steps, device=ends.device)[None] < counts[:, None]
+        # the end row of each step; unsupervised steps read their first end's (finite, never selected)
+        at = torch.where(mask, ends[:, None] + torch.arange(steps, device=ends.device), ends[:, None])
+        every = model(windows, services, series.current(at), members=True, steps=steps)
+        outputs = Outputs(*(None if output is None else output[:, mask] for output in every))
+        ends, target = at[mask], series.target[at[mask] + series.horizon]
+    else:
+        windows, services, target = series.batch(ends)
+        outputs = model(windows, services, series.current(ends), members=True)
     spike = series.spike[ends + series.horizon] if series.spike is not None else target > SPIKE_Z
     total = loss(outputs.forecast, target, spike)
     if outputs.quantiles is not None:
@@ -200,14 +248,26 @@ def _batch_loss(
 
 @torch.no_grad()
 def _mean_loss(
-    model: nn.Module, series: SeriesTensors, ends: torch.Tensor, loss: Callable, config: TrainingConfig, levels: torch.Tensor | None
+    model: nn.Module,
+    series: SeriesTensors,
+    ends: torch.Tensor,
+    loss: Callable,
+    config: TrainingConfig,
+    levels: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
 ) -> float:
+    """The loss over the samples ending at ``ends``, or with ``counts`` over the sequences that
+    start there (:func:`training_sequences`: every sample once, the loss in the form training
+    minimises, for a fraction of the recurrent work)."""
     model.eval()
+    steps = config.targets_per_sequence if counts is not None else 0
+    per_batch = PREDICT_BATCH_SIZE // max(steps, 1)
     total = torch.zeros((), device=series.inputs.device)
-    for i in range(0, len(ends), PREDICT_BATCH_SIZE):
-        batch = ends[i : i + PREDICT_BATCH_SIZE]
-        total += _batch_loss(model, series, batch, loss, config, levels) * len(batch)
-    return float(total / max(len(ends), 1))
+    for i in range(0, len(ends), per_batch):
+        batch_counts = None if counts is None else counts[i : i + per_batch]
+        targets = len(ends[i : i + per_batch]) if batch_counts is None else batch_counts.sum()
+        total += _batch_loss(model, series, ends[i : i + per_batch], loss, config, levels, batch_counts, steps) * targets
+    return float(total / max(len(ends) if counts is None else int(counts.sum()), 1))
 
 
 RESUME_FORMAT = 2  # the layout of a saved state; one of another layout is not resumed
@@ -358,13 +418,27 @@ def _stop_signal(world_size: int) -> int:
     return int(distributed.all_reduce(np.array([held]), "max")[0])
 
 
-def _rank_order(n: int, total: int, epoch: int, config: TrainingConfig, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's positions into its ``n`` training samples for ``epoch``: one seeded permutation
-    shared by all, or under torchrun (each rank holding its own services' samples,
-    distributed.load_shard) :func:`shard_order`."""
+def _rank_order(n: int, total: int, epoch: int, config: TrainingConfig, rank: int, world_size: int, limit: int) -> torch.Tensor:
+    """This rank's positions into its ``n`` training samples (or sequences) for ``epoch``, at most
+    ``limit`` of them (0: all): one seeded permutation shared by all, or under torchrun (each rank
+    holding its own services' samples, distributed.load_shard) :func:`shard_order`."""
     if world_size == 1:
-        return epoch_order(n, epoch, config.seed, config.samples_per_epoch)
-    return shard_order(n, total, epoch, config.seed, config.samples_per_epoch, rank, world_size)
+        return epoch_order(n, epoch, config.seed, limit)
+    return shard_order(n, total, epoch, config.seed, limit, rank, world_size)
+
+
+def _epoch_sequences(train_ends: np.ndarray, epoch: int, config: TrainingConfig) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """What one epoch trains on: the training samples' ends (and None) for one target per window,
+    or with ``--targets-per-sequence`` the sequences' first ends and their counts of targets, cut
+    at an offset drawn from the seed and the epoch; then how many of them make an epoch (0: all)."""
+    steps = config.targets_per_sequence
+    if steps == 1:
+        return train_ends, None, config.samples_per_epoch
+    offset = int(np.random.default_rng((config.seed, epoch)).integers(steps))
+    first, counts = training_sequences(train_ends, steps, offset)
+    # about --samples-per-epoch targets: sequences hold `steps` targets but at a run's edges
+    limit = -(-config.samples_per_epoch * len(first) // max(len(train_ends), 1)) if config.samples_per_epoch else 0
+    return first, counts, limit
 
 
 def _train_epoch(
@@ -372,6 +446,7 @@ def _train_epoch(
     model: nn.Module,
     series: SeriesTensors,
     train_tensor: torch.Tensor,
+    counts: torch.Tensor | None,
     order: torch.Tensor,
     loss: Callable,
     optimizer: torch.optim.Optimizer,
@@ -383,12 +458,15 @@ def _train_epoch(
 ) -> int:
     """The batches of the training samples at positions ``order`` from ``position.batch`` on
     (``trainable`` is ``model``, or its DistributedDataParallel wrapper), each one counted in
-    ``position``. Before each batch ``stop_signal()`` is asked; returns the signal that stopped the
-    epoch there, 0 when it is done."""
+    ``position``; with ``counts``, the samples are sequences of that many targets, ``batch_size``
+    sequences a batch. Before each batch ``stop_signal()`` is asked; returns the
+    signal that stopped the epoch there, 0 when it is done."""
     trainable.train()
     # an ensemble's networks train as if alone: their own gradients, clipped each (Adam is per weight)
     networks = list(model.members) if isinstance(model, Ensemble) else [model]
-    n_batches = -(-len(order) // config.batch_size)
+    steps = config.targets_per_sequence if counts is not None else 0
+    batch_size = config.batch_size
+    n_batches = -(-len(order) // batch_size)
     bar = tqdm(range(position.batch, n_batches), desc=description, initial=position.batch, total=n_batches,
                leave=False, disable=None if show else True, unit="batch")
     for step in bar:
@@ -396,8 +474,9 @@ def _train_epoch(
         if signum:
             bar.close()
             return signum
-        batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-        batch_loss = _batch_loss(trainable, series, train_tensor[batch], loss, config, model.quantile_levels)
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        batch_counts = counts[batch] if counts is not None else None
+        batch_loss = _batch_loss(trainable, series, train_tensor[batch], loss, config, model.quantile_levels, batch_counts, steps)
         optimizer.zero_grad(set_to_none=True)
         batch_loss.backward()
         if config.gradient_clip:  # each network's own norm: its loss is 1/len(networks) of the batch loss
@@ -446,9 +525,13 @@ def fit(
     loss = _loss_function(config)
     if config.batch_size < 1:
         raise ValueError("batch_size 0 (auto) is resolved by fitting.fit_networks (auto_batch_size) before training")
-    train_tensor = torch.as_tensor(train_ends, dtype=torch.int64, device=device)
-    validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
-    total_train = int(distributed.all_reduce(np.array([len(train_ends)]))[0]) if world_size > 1 else len(train_ends)
+    validation_counts = None
+    if config.targets_per_sequence > 1:
+        validation_first, counts = training_sequences(validation_ends, config.targets_per_sequence)
+        validation_tensor = torch.as_tensor(validation_first, dtype=torch.int64, device=device)
+        validation_counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
+    else:
+        validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
 
     show = progress and rank == 0
     with errors.deferred_stop():  # a SIGTERM or SIGINT waits for the next batch boundary
@@ -456,17 +539,21 @@ def fit(
         while position.epoch < last_epoch:
             epoch = position.epoch + 1
             started = time.perf_counter() - position.seconds
-            order = _rank_order(len(train_ends), total_train, epoch, config, rank, world_size).to(device)
+            first, counts, limit = _epoch_sequences(train_ends, epoch, config)
+            total = int(distributed.all_reduce(np.array([len(first)]))[0]) if world_size > 1 else len(first)
+            order = _rank_order(len(first), total, epoch, config, rank, world_size, limit).to(device)
+            first_tensor = torch.as_tensor(first, dtype=torch.int64, device=device)
+            counts_tensor = None if counts is None else torch.as_tensor(counts, dtype=torch.int64, device=device)
             description = f"epoch {epoch}/{config.epochs}"
             signum = _train_epoch(
-                trainable, model, series, train_tensor, order, loss, optimizer, config, position, lambda: _stop_signal(world_size), description, show
+                trainable, model, series, first_tensor, counts_tensor, order, loss, optimizer, config, position, lambda: _stop_signal(world_size), description, show
             )
             if signum:
                 if resume is not None and rank == 0:
                     position.seconds = time.perf_counter() - started
                     resume.save(_resumable_state(model, optimizer, scheduler, position, False, stopping))
                 errors.stop(signum)
-            validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels)
+            validation_loss = _mean_loss(model, series, validation_tensor, loss, config, model.quantile_levels, validation_counts)
             # each rank measured its own samples: every rank gets the same means, so the same decisions
             train_loss = distributed.weighted_mean(float(position.running) / max(position.batch, 1), position.batch)
             validation_loss = distributed.weighted_mean(validation_loss, len(validation_ends))

@@ -151,3 +151,19 @@ def test_a_service_whose_level_moved_after_training_is_forecast_from_where_it_is
     model = test.model_metrics["mae"]
     assert model <= test.baseline_metrics["persistence"]["mae"], "the recurrent model alone, behind persistence after the shift"
     assert model <= test.baseline_metrics["gradient_boosting"]["mae"], "the recurrent model alone, behind gradient boosting after the shift"
+
+
+def test_sequence_training_round_trips_and_needs_a_history_that_does_not_depend_on_t(tiny_fit, tmp_path):
+    sequences = dataclasses.replace(TINY_TRAINING_CONFIG, targets_per_sequence=4, batch_size=0)
+    with pytest.raises(UserError, match="--latency-history difference"):
+        fit_tiny(tiny_fit.table, dataclasses.replace(TINY_MODEL, latency_history="relative"), sequences)
+    fit = fit_tiny(tiny_fit.table, dataclasses.replace(TINY_MODEL, latency_history="difference"), sequences)
+    assert fit.forecaster.training_config.batch_size == fitting.sequences_per_batch(64, 4) == 32, "auto: twice the windows' targets"
+    checkpoint, scaler = save_and_load(fit.forecaster, tmp_path)
+    restored = Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
+    networks = restored.model.members if isinstance(restored.model, Ensemble) else [restored.model]
+    assert all(network.differenced and network.relative_column is not None for network in networks), "they read the differenced history"
+    ends = fit.ends["test"]
+    mine, theirs = restored.predict(restored.prepare(tiny_fit.table), ends), fit.forecaster.predict(fit.prepared, ends)
+    np.testing.assert_array_equal(mine.ms, theirs.ms)
+    assert np.isfinite(mine.ms).all()

@@ -163,3 +163,65 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda but no CUDA device is visible"):
             training.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_training_sequences_cover_every_end_once_and_never_span_a_missing_one(offset):
+    ends = np.array([3, 4, 5, 6, 7, 8, 20, 21, 22, 40, 41, 42, 43, 44, 45, 46])
+    first, counts = training.training_sequences(ends[::-1], 4, offset)  # any order in
+    covered = np.concatenate([np.arange(start, start + count) for start, count in zip(first, counts)])
+    np.testing.assert_array_equal(np.sort(covered), ends)  # each end exactly once: every step is an end
+    assert counts.max() <= 4 and counts.min() >= 1
+    single, ones = training.training_sequences(ends, 1)
+    np.testing.assert_array_equal(single, ends)
+    assert (ones == 1).all()
+
+
+def test_a_sequence_forecasts_each_step_from_its_past_only():
+    """The first step of a sequence is the forecast of the window ending there; a step never reads
+    the minutes after it; differenced latency history does not depend on the step."""
+    torch.manual_seed(0)
+    model = LatencyForecaster(3, 2, ModelConfig(hidden_size=8), anchored=True, relative_column=0, differenced=True).eval()
+    L, steps = 5, 4
+    sequence = torch.randn(2, L + steps - 1, 3)
+    codes, current = torch.tensor([0, 1]), torch.randn(2, steps)
+    with torch.no_grad():
+        each = model(sequence, codes, current, full=True, steps=steps)
+        alone = model(sequence[:, :L], codes, current[:, 0], full=True)
+        torch.testing.assert_close(each.forecast[:, 0], alone.forecast)
+        torch.testing.assert_close(each.quantiles[:, 0], alone.quantiles)
+        later = sequence.clone()
+        later[:, L + 1 :] += 100.0  # the minutes after step 1
+        changed = model(later, codes, current, steps=steps)
+    torch.testing.assert_close(changed[:, :2], each.forecast[:, :2])
+    assert not torch.allclose(changed[:, 2:], each.forecast[:, 2:])
+
+
+def test_sequence_training_learns_and_masks_what_it_must_not_read():
+    series, ends = _series()
+    series.inputs[300] = float("nan")  # a missing row: sequences end before it (the ends exclude it)
+    valid = ends[(ends < 300) | (ends >= 300 + series.sequence_length)]
+    train, validation = valid[valid < 400], valid[valid >= 400]
+    config = TrainingConfig(epochs=8, batch_size=2, learning_rate=1e-2, samples_per_epoch=0, seed=3, patience=10, targets_per_sequence=8)
+    torch.manual_seed(config.seed)
+    model = LatencyForecaster(3, 1, ModelConfig(hidden_size=8))
+    history = training.fit(model, series, train, validation, config, progress=False)
+    assert all(np.isfinite(row["train_loss"]) for row in history)
+    assert history[-1]["val_loss"] < history[0]["val_loss"] * 0.5
+
+
+def test_the_validation_loss_over_sequences_weighs_every_sample_once():
+    series, ends = _series()
+    config = TrainingConfig(targets_per_sequence=4)
+    loss, levels = training._loss_function(config), None
+    torch.manual_seed(0)
+    model = LatencyForecaster(3, 1, POINT_ONLY)
+    apart = ends[::2]  # no two consecutive: every sequence is one window, its first step
+    first, counts = training.training_sequences(apart, 4)
+    assert (counts == 1).all()
+    windows = training._mean_loss(model, series, torch.as_tensor(apart), loss, config, levels)
+    sequences = training._mean_loss(model, series, torch.as_tensor(first), loss, config, levels, torch.as_tensor(counts))
+    assert sequences == pytest.approx(windows, rel=1e-5)
+    first, counts = training.training_sequences(ends, 4)
+    whole = training._mean_loss(model, series, torch.as_tensor(first), loss, config, levels, torch.as_tensor(counts))
+    assert whole == pytest.approx(training._mean_loss(model, series, torch.as_tensor(ends), loss, config, levels), rel=0.05)
