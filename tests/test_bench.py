@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 import bench
-from bench import bench_end_to_end, bench_explain, bench_forecast, bench_pipeline, bench_training, run_all
+from bench import bench_end_to_end, bench_explain, bench_forecast, bench_pipeline, bench_time_to_accuracy, bench_training, run_all
 from bench.common import Result, parse_arguments
 
 # each benchmark module -> its smoke run's arguments and the rows it gives
@@ -23,6 +23,8 @@ SMOKE_RUNS = {
     "bench_forecast": (bench_forecast, ["--smoke"], 2),  # time, peak RSS
     "bench_pipeline": (bench_pipeline, ["--smoke"], 2),  # time, peak RSS
     "bench_training": (bench_training, ["--smoke", "--contenders", "ours"], 1),  # Darts' side: test_training_against_darts
+    # ours and ours-sequence; Darts' side: test_time_to_accuracy_against_darts
+    "bench_time_to_accuracy": (bench_time_to_accuracy, ["--smoke", "--contenders", "ours,ours-sequence"], 2),
 }
 
 
@@ -46,7 +48,8 @@ def test_smoke_run(name):
     module, argv, rows = SMOKE_RUNS[name]
     if module is bench_end_to_end and shutil.which("make") is None:
         pytest.skip("the end-to-end benchmark reads make demo's commands through make")
-    benchmark = {"end_to_end": "end to end", "explain": "explanations"}.get(name.removeprefix("bench_"), name.removeprefix("bench_"))
+    names = {"end_to_end": "end to end", "explain": "explanations", "time_to_accuracy": "time to accuracy"}
+    benchmark = names.get(name.removeprefix("bench_"), name.removeprefix("bench_"))
     _check_rows(module.measure(argv), benchmark, rows)
 
 
@@ -55,6 +58,31 @@ def test_training_against_darts():
     results = bench_training.measure(["--smoke"])
     _check_rows(results, "training", 1)
     assert results[0].ratio is not None and "Darts" in results[0].value
+
+
+def test_time_to_accuracy_against_darts():
+    pytest.importorskip("darts", reason="Darts is installed only in the bench venv (requirements-bench.txt)")
+    results = bench_time_to_accuracy.measure(["--smoke"])
+    _check_rows(results, "time to accuracy", 4)  # ours, ours-sequence, BlockRNNModel, RNNModel
+    assert [result.measure.endswith(label) for result, label in zip(results[2:], ("BlockRNNModel", "RNNModel"))] == [True, True]
+    for result in results[:2]:  # each of ours: a ratio to Darts' fastest, or why there is none
+        assert "ratio = Darts' fastest / ours" in result.measure
+        assert (result.ratio is not None and "Darts' fastest: " in result.value) or (result.ratio is None and "no ratio" in result.value)
+
+
+def test_time_to_accuracy_curve_stops_at_the_target_or_the_limit():
+    curve = bench_time_to_accuracy._Curve(target_mae=10.0, time_limit=5.0, max_epochs=0)
+    assert [curve.add(seconds, mae) for seconds, mae in [(1.0, 14.0), (2.0, 11.0), (3.0, 9.5)]] == [False, False, True]
+    assert curve.reached == (3, 3.0) and curve.best == (3, 9.5) and curve.summary().startswith("3.00 s (epoch 3")
+    curve = bench_time_to_accuracy._Curve(target_mae=10.0, time_limit=5.0, max_epochs=0)
+    assert [curve.add(seconds, mae) for seconds, mae in [(2.0, 12.0), (4.0, 11.0), (6.0, 11.5)]] == [False, False, True]
+    assert curve.reached is None and curve.summary() == "not reached in 6.0 s, 3 epochs (best 11.00 ms, epoch 2)"
+
+
+def test_time_to_accuracy_refuses_unknown_contenders(capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench_time_to_accuracy.measure(["--smoke", "--contenders", "ours,prophet"])
+    assert raised.value.code == 2 and "prophet" in capsys.readouterr().err
 
 
 def test_smoke_defaults_yield_to_explicit_flags():
