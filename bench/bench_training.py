@@ -136,6 +136,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     if not names or set(names) - set(CONTENDERS) or len(set(names)) != len(names):
         parser.error(f"--contenders takes ours and/or darts, got {args.contenders!r}")
     training.configure_threads(args.threads)
+    threads = torch.get_num_threads()
     print(f"machine: {machine(('numpy', 'darts', 'pytorch-lightning'))}")
     batch_size = AUTO_BATCH_SIZES[-1]  # the batch --batch-size 0 takes on large stores
     results = []
@@ -150,6 +151,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
             torch.manual_seed(0)
             builders = {"ours": _Ours, "darts": _Darts}
             contenders = {name: builders[name](table, splits, model_config, batch_size) for name in names}
+            torch.set_num_threads(threads)  # building a forecaster sets its own (--num-threads 0: one)
             for contender in contenders.values():  # warm-up: oneDNN builds its kernels on first use
                 contender.epoch(2 * batch_size)
             rates: dict[str, list[float]] = {name: [] for name in contenders}
