@@ -132,8 +132,9 @@ class ModelConfig:
         "relative",
         f"how an anchored model reads {TARGET_COLUMN}'s history: relative (as the log ratio to the latency at t, "
         "so a service whose level moved after training is forecast from where it is now; ahead of level on the "
-        "judging protocol's median split, docs/results.md), difference (its change from the minute before, which "
-        "--targets-per-sequence above 1 needs: relative to t differs at every step) or level (scaled like every feature)",
+        "judging protocol's median split, docs/results.md), difference (its change from the minute before and its distance "
+        "from the window's running mean, which --targets-per-sequence above 1 needs: relative to t differs at every step; "
+        "behind relative on the protocol) or level (scaled like every feature)",
         choices=("level", "relative", "difference"),
     )
     multitask: bool = setting(

@@ -239,8 +239,10 @@ def _resolve_auto_sizes(forecaster: Forecaster, windows: int, log: Callable[[str
             batch_size = sequences_per_batch(batch_size, steps)
         training_config = dataclasses.replace(training_config, batch_size=batch_size)
         forecaster = dataclasses.replace(forecaster, training_config=training_config)
-        unit = f"sequences of {steps} targets" if steps > 1 else "windows"
-        log(f"batches of {batch_size} {unit} ({windows:,} training windows, at most {config.MAX_AUTO_BATCH_STEPS} steps an epoch)")
+        if steps > 1:
+            log(f"batches of {batch_size} sequences of {steps} targets ({windows:,} training windows)")
+        else:
+            log(f"batches of {batch_size} windows ({windows:,} training windows, at most {config.MAX_AUTO_BATCH_STEPS} steps an epoch)")
     if model_config.ensemble_size == 0:
         model_config = dataclasses.replace(model_config, ensemble_size=auto_ensemble_size(windows, training_config.samples_per_epoch))
         forecaster = dataclasses.replace(forecaster, model_config=model_config)
