@@ -534,16 +534,23 @@ def fit(
         validation_tensor = torch.as_tensor(validation_ends, dtype=torch.int64, device=device)
 
     show = progress and rank == 0
+    samples = None  # this epoch's training samples on the device: one target per window, the same every epoch
     with errors.deferred_stop():  # a SIGTERM or SIGINT waits for the next batch boundary
         stopping, position, last_epoch = _start(model, optimizer, scheduler, resume, config.epochs, device, log if show else None)
         while position.epoch < last_epoch:
             epoch = position.epoch + 1
             started = time.perf_counter() - position.seconds
-            first, counts, limit = _epoch_sequences(train_ends, epoch, config)
-            total = int(distributed.all_reduce(np.array([len(first)]))[0]) if world_size > 1 else len(first)
-            order = _rank_order(len(first), total, epoch, config, rank, world_size, limit).to(device)
-            first_tensor = torch.as_tensor(first, dtype=torch.int64, device=device)
-            counts_tensor = None if counts is None else torch.as_tensor(counts, dtype=torch.int64, device=device)
+            if samples is None or config.targets_per_sequence > 1:  # sequences are cut anew each epoch
+                first, counts, limit = _epoch_sequences(train_ends, epoch, config)
+                total = int(distributed.all_reduce(np.array([len(first)]))[0]) if world_size > 1 else len(first)
+                samples = (
+                    torch.as_tensor(first, dtype=torch.int64, device=device),
+                    None if counts is None else torch.as_tensor(counts, dtype=torch.int64, device=device),
+                    total,
+                    limit,
+                )
+            first_tensor, counts_tensor, total, limit = samples
+            order = _rank_order(len(first_tensor), total, epoch, config, rank, world_size, limit).to(device)
             description = f"epoch {epoch}/{config.epochs}"
             signum = _train_epoch(
                 trainable, model, series, first_tensor, counts_tensor, order, loss, optimizer, config, position, lambda: _stop_signal(world_size), description, show
