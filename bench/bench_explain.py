@@ -2,7 +2,7 @@
 shap's flat KernelExplainer over the L x F inputs at its default nsamples, on the same model,
 windows and background, in one run, at F = 3 and F = 8 (default model and background settings).
 The model is one network of the default size, as the cause model that train.py's default features
-(the latency's own history among them) are explained through; ``--ensemble-size 0`` explains the
+(the latency's own history among them) are explained through; ``--ensemble-size 3`` explains the
 default ensemble that a forecaster of telemetry features alone trains, and is explained as.
 
     python -m bench.bench_explain [--windows 64] [--flat-windows 3] [--repeats 5] [--threads N] [--smoke]
@@ -129,7 +129,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
                         help="windows of the model's one training epoch (default: %(default)s; costs do not depend on the weights)")
     parser.add_argument(
         "--ensemble-size", type=int, default=1,
-        help="networks of the explained model (default: %(default)s, the cause model's; 0: the automatic ensemble "
+        help="networks of the explained model (default: %(default)s, the cause model's; 3: the default ensemble "
         "of a forecaster of telemetry alone, each network another forward pass per coalition)",
     )
     parser.add_argument(

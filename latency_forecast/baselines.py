@@ -1,5 +1,6 @@
-"""The gradient-boosting baseline: scikit-learn's HistGradientBoostingRegressor on the flattened
-L x F input window plus the service, fitted on training windows only. Pure numpy in and out.
+"""The baselines beside the model: the window median (nothing to fit) and gradient boosting,
+scikit-learn's HistGradientBoostingRegressor on the flattened L x F input window plus the
+service, fitted on training windows only. Pure numpy in and out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ EARLY_STOPPING_FRACTION = 0.1
 EARLY_STOPPING_MIN_SAMPLES = 10_000
 CHUNK_ROWS = 8192  # windows gathered at once: bounds the temporary (chunk, L, F) copy
 PREDICT_CHUNK = 16_384  # windows predicted at once: bounds the (chunk, L*F+1) float64 matrix
+WINDOW_MEDIAN = "window_median"
 _MAX_CATEGORIES = 255  # HistGradientBoosting's ceiling on a categorical feature's cardinality
 # What a saved regressor may hold beyond skops' own safe types; a file naming any other type is
 # refused before anything in it runs (no pickle: skops rebuilds only the types it is told to trust)
@@ -158,6 +160,26 @@ def _fit_regressor(
     else:
         regressor = _fit_stopping_on(regressor, matrix, y, *held)
     return regressor
+
+
+def window_median(target: np.ndarray, ends: np.ndarray, sequence_length: int) -> np.ndarray:
+    """(n,) the median of the latency (ms) over each window's ``sequence_length`` minutes, ending
+    at row ``ends``: the moving median SREs put on a noisy p99 panel. A p99 of a few hundred calls a
+    minute jumps by 2-10x from one minute to the next on real services (Nezha TrainTicket), so the
+    level of the last minutes forecasts t+H better than the last minute alone; it needs no fitting
+    and reads only the window. Minutes without a latency (NaN) are skipped; none at all gives NaN."""
+    ends = np.asarray(ends, dtype=np.int64)
+    if len(ends) == 0:
+        return np.zeros(0)
+    rows = ends[:, None] + np.arange(1 - sequence_length, 1, dtype=np.int64)[None]
+    window = np.asarray(target, dtype=np.float64)[rows]
+    known = np.isfinite(window)
+    if known.all():
+        return np.median(window, axis=1)
+    median = np.full(len(ends), np.nan)
+    some = known.any(axis=1)
+    median[some] = np.nanmedian(window[some], axis=1)
+    return median
 
 
 @dataclass

@@ -3,8 +3,14 @@ forecasts, and the shipped forecast it weighs: pure numpy.
 
 Members are forecasts of the same latency in ms: the recurrent networks, gradient boosting and
 persistence. No member wins everywhere: the networks read spikes coming, trees on raw lags follow a
-level that moved after training, persistence is right on a plateau. Weights are fitted where the
-alert rule is calibrated (validation), never on test.
+level that moved after training, persistence is right on a plateau.
+
+The window median (a reported baseline) is not a member. It wins where a p99 jumps from minute to
+minute around its level (TrainTicket: skill +0.09 to +0.25 over gradient boosting as a member), but
+it lags every ramp into a fault: weighed 0.35 on one development store's validation, it cost 0.12
+of skill on the other store's faults (docs/results.md).
+
+Weights are fitted where the alert rule is calibrated (validation), never on test.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import numpy as np
 
 from latency_forecast import alerting, metrics
 from latency_forecast.alerting import AlertRule
-from latency_forecast.baselines import GradientBoostingBaseline
+from latency_forecast.baselines import WINDOW_MEDIAN, GradientBoostingBaseline
 from latency_forecast.config import AlertConfig, BaselineConfig
-from latency_forecast.ensemble import RECURRENT
+from latency_forecast.ensemble import MEMBERS, RECURRENT
 from latency_forecast.forecaster import Forecast, Forecaster, PreparedSeries
 
 
@@ -89,7 +89,8 @@ class Evaluation:
     @cached_property
     def member_metrics(self) -> dict[str, dict]:
         """Each ensemble member's contract metrics on its own point forecast at the latency threshold."""
-        return {RECURRENT: metrics.forecast_metrics(self.actual, self.recurrent, self.latency_threshold), **self.baseline_metrics}
+        members = {name: block for name, block in self.baseline_metrics.items() if name in MEMBERS}
+        return {RECURRENT: metrics.forecast_metrics(self.actual, self.recurrent, self.latency_threshold), **members}
 
     def with_alert_rule(self, rule: AlertRule, services: Sequence[str]) -> "Evaluation":
         """The same forecasts judged by another alert rule (no new predictions)."""
@@ -125,7 +126,7 @@ def evaluate(forecaster: Forecaster, prepared: PreparedSeries, ends: np.ndarray,
     table = prepared.table
     threshold = prepared.latency_threshold(ends)
     forecast = forecaster.predict(prepared, ends) if members is None else forecaster.ship(members)
-    baselines = {name: forecast.members[name] for name in ("persistence", *forecaster.baselines)}
+    baselines = {name: forecast.members[name] for name in ("persistence", WINDOW_MEDIAN, *forecaster.baselines)}
     return Evaluation(
         ends,
         table.service_codes[ends],

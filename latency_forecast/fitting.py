@@ -42,6 +42,20 @@ CAUSE_MODEL_MIN_PATIENCE = 8
 # ones, at a fraction of the steps: demo chaos runs AC@1 0.93 / AC@3 0.95 either way (128 or 256),
 # TrainTicket's top two and their shares the same (64 or 256), its training 3 s against 7 s.
 CAUSE_MODEL_MIN_BATCH_SIZE = config.AUTO_BATCH_SIZES[-1]
+# The per-epoch validation loss (early stopping, the learning-rate schedule, the best epoch) reads
+# at most this many validation windows, evenly spaced over services and time. Over all 58,590 of
+# the demo store it cost 3.2 s of a 15 s epoch; neighbouring minutes are near-duplicates, so a
+# spaced subset ranks epochs as well. Every protocol store has fewer (the largest 10,368), so
+# none is subsampled. Ensemble weights and the alert rule still read every validation window.
+MAX_EARLY_STOPPING_WINDOWS = 16_384
+
+
+def early_stopping_ends(ends: np.ndarray, limit: int = MAX_EARLY_STOPPING_WINDOWS) -> np.ndarray:
+    """At most ``limit`` of the validation samples ``ends`` (ordered by service, then minute),
+    evenly spaced, so every service and every part of the span is represented."""
+    if len(ends) <= limit:
+        return ends
+    return ends[np.linspace(0, len(ends) - 1, limit).round().astype(np.int64)]
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,7 @@ def train(
     if reads_latency_history(untrained.feature_columns) and cause_columns(untrained.feature_columns):
         log("training the cause model that explains the forecasts (level forecast from the telemetry features alone)")
         cause_model, cause_history = fit_cause_model(
-            untrained, prepared, prepared.samples(train_range, "train"), prepared.samples(validation_range, "validation"),
+            untrained, prepared, prepared.samples(train_range, "train"), early_stopping_ends(prepared.samples(validation_range, "validation")),
             progress, log, resume("cause_model.pt"),
         )
     distributed.barrier()  # under torchrun: every rank has finished training, the process group is done
@@ -205,8 +219,8 @@ def fit_networks(
     ``stop_range``: the first part of :func:`train` (its forecaster alerts with the uncalibrated
     rule, and has no baselines, cause model or background yet).
 
-    Returns the forecaster, the table prepared for it, and the per-epoch history. Automatic
-    batch and ensemble sizes are resolved here and recorded in the forecaster's settings.
+    Returns the forecaster, the table prepared for it, and the per-epoch history. The automatic
+    batch size is resolved here and recorded in the forecaster's settings.
     """
     if settings.training.targets_per_sequence > 1 and settings.model.latency_history == "relative":
         raise UserError(
@@ -222,16 +236,16 @@ def fit_networks(
             "use a shorter --sequence-length/--horizon or a longer store"
         )
     train_ends = prepared.samples(fit_range, "training")
-    stop_ends = prepared.samples(stop_range, "early-stopping (validation)")
+    stop_ends = early_stopping_ends(prepared.samples(stop_range, "early-stopping (validation)"))
     windows = int(distributed.all_reduce(np.array([len(train_ends)]))[0])  # under torchrun, every rank's
-    forecaster = _resolve_auto_sizes(forecaster, windows, log)
+    forecaster = _resolve_auto_batch_size(forecaster, windows, log)
     history = training.fit(forecaster.model, prepared.tensors, train_ends, stop_ends, forecaster.training_config, progress, log, resume)
     return forecaster, prepared, history
 
 
-def _resolve_auto_sizes(forecaster: Forecaster, windows: int, log: Callable[[str], None]) -> Forecaster:
-    """``--batch-size 0`` and ``--ensemble-size 0`` resolved for ``windows`` training windows."""
-    training_config, model_config = forecaster.training_config, forecaster.model_config
+def _resolve_auto_batch_size(forecaster: Forecaster, windows: int, log: Callable[[str], None]) -> Forecaster:
+    """``--batch-size 0`` resolved for ``windows`` training windows."""
+    training_config = forecaster.training_config
     if training_config.batch_size == 0:
         batch_size = auto_batch_size(windows, training_config.samples_per_epoch, distributed.rank_and_world_size()[1])
         steps = training_config.targets_per_sequence
@@ -243,14 +257,6 @@ def _resolve_auto_sizes(forecaster: Forecaster, windows: int, log: Callable[[str
             log(f"batches of {batch_size} sequences of {steps} targets ({windows:,} training windows)")
         else:
             log(f"batches of {batch_size} windows ({windows:,} training windows, at most {config.MAX_AUTO_BATCH_STEPS} steps an epoch)")
-    if model_config.ensemble_size == 0:
-        model_config = dataclasses.replace(model_config, ensemble_size=auto_ensemble_size(windows, training_config.samples_per_epoch))
-        forecaster = dataclasses.replace(forecaster, model_config=model_config)
-        if model_config.ensemble_size > 1:
-            torch.manual_seed(training_config.seed)  # its first network starts where a single one would
-            model = build_model(forecaster.feature_columns, len(forecaster.services), model_config, forecaster.target_normalizer)
-            forecaster = dataclasses.replace(forecaster, model=model.to(forecaster.device))
-            log(f"{windows:,} training windows fill {model_config.ensemble_size} networks' epochs: training an ensemble of {model_config.ensemble_size}")
     return forecaster
 
 
@@ -291,21 +297,6 @@ def fit_cause_model(
     )
     history = training.fit(model, prepared.tensors, train_ends, stop_ends, settings, progress, log, resume)
     return model, history
-
-
-def auto_ensemble_size(training_windows: int, samples_per_epoch: int) -> int:
-    """``--ensemble-size 0``: as many networks as the training windows fill an epoch of
-    ``samples_per_epoch`` (each network sees every window once an epoch), from MIN_AUTO_ENSEMBLE
-    to MAX_AUTO_ENSEMBLE.
-
-    Three networks of 32 units (the default) take 1.45x the step of one of 64 on a CPU, and their
-    mean beat that one network's MAE in 7 of 8 splits of the synthetic development stores
-    (docs/results.md); stores too small to fill an epoch, where one network's seed decides its
-    test MAE more than any setting does, get up to five for the same compute an epoch.
-    """
-    if not samples_per_epoch:
-        return config.MIN_AUTO_ENSEMBLE
-    return max(config.MIN_AUTO_ENSEMBLE, min(config.MAX_AUTO_ENSEMBLE, samples_per_epoch // max(training_windows, 1)))
 
 
 def sequences_per_batch(windows_per_batch: int, targets_per_sequence: int) -> int:

@@ -17,7 +17,7 @@ import torch
 from latency_forecast import artifacts, config, data, ensemble, training
 from latency_forecast.alerting import AlertRule, LatencyThresholds
 from latency_forecast.background import Background
-from latency_forecast.baselines import GradientBoostingBaseline, UntrustedModelError
+from latency_forecast.baselines import WINDOW_MEDIAN, GradientBoostingBaseline, UntrustedModelError, window_median
 from latency_forecast.config import AlertConfig, DataConfig, ModelConfig, StoreConfig, TimeRangeConfig, TrainingConfig
 from latency_forecast.data import SeriesTable, TimeRange
 from latency_forecast.errors import UserError
@@ -184,7 +184,7 @@ class Forecaster:
 
     def predict(self, prepared: PreparedSeries, ends: np.ndarray) -> Forecast:
         """Forecasts (ms) at t+H for the samples ending at ``ends``: the shipped forecast and every
-        member's (the recurrent networks, persistence, and each fitted baseline)."""
+        member's (the recurrent networks, persistence, the window median and each fitted baseline)."""
         return self.ship(self.predict_members(prepared, ends))
 
     def predict_members(self, prepared: PreparedSeries, ends: np.ndarray) -> Forecast:
@@ -198,7 +198,8 @@ class Forecaster:
         if predictions.quantiles is not None:
             for name, column in zip(self.model_config.quantile_names, predictions.quantiles.T):
                 quantiles[name] = self.target_normalizer.denormalize(column, codes, current)
-        members = {ensemble.RECURRENT: recurrent, "persistence": current}
+        window = window_median(prepared.table.target, ends, self.data_config.sequence_length)
+        members = {ensemble.RECURRENT: recurrent, "persistence": current, WINDOW_MEDIAN: window}
         if self.baselines:
             inputs, all_codes = prepared.tensors.inputs.cpu().numpy(), prepared.tensors.service_codes.cpu().numpy()
             for name, baseline in self.baselines.items():
@@ -380,7 +381,7 @@ def build_model(
 ) -> LatencyForecaster | Ensemble:
     """The network for this config, carrying the target statistics its head mixes with; it
     forecasts the change from the latency at t when it reads that latency's history. With
-    ``ensemble_size`` above 1, that many such networks (an unresolved auto size builds one)."""
+    ``ensemble_size`` above 1, that many such networks."""
 
     anchored = reads_latency_history(feature_columns) and model_config.anchor == "auto"
     relative = list(feature_columns).index(config.TARGET_COLUMN) if anchored and model_config.latency_history != "level" else None

@@ -39,14 +39,14 @@ def test_backtest_json_follows_the_contract(one_job, tiny_store):
     for fold in report["folds"]:
         for key in ("train_start", "train_end", "val_start", "val_end"):
             assert ISO.match(fold[key]), fold[key]
-        assert list(fold["baseline"]) == ["persistence", "gradient_boosting"]
+        assert list(fold["baseline"]) == ["persistence", "window_median", "gradient_boosting"]
         for baseline in fold["baseline"].values():
             assert tuple(fold["metrics"]) == tuple(baseline) == metrics.METRIC_KEYS
             assert fold["metrics"]["n_samples"] == baseline["n_samples"] == fold["samples"]["validation"] > 0
         assert fold["val_start"] == _plus(fold["train_end"], embargo) and fold["val_end"] <= "2024-05-04T00:00:00Z"
         assert fold["train_start"] < fold["early_stopping_start"] < fold["train_end"]
         assert fold["resolved"]["batch_size"] == 256, "--batch-size 256 given: kept as given"
-        assert 3 <= fold["resolved"]["ensemble_size"] <= 5, "--ensemble-size 0 (auto), resolved on the fold's windows"
+        assert fold["resolved"]["ensemble_size"] == 3
     assert [(f["train_start"], f["val_end"]) for f in report["folds"]] == [
         ("2024-05-01T00:00:00Z", "2024-05-03T12:00:00Z"),
         ("2024-05-01T12:00:00Z", "2024-05-04T00:00:00Z"),

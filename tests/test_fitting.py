@@ -61,21 +61,13 @@ def test_a_cause_model_needs_telemetry_features(tmp_path):
         fitting.fit_cause_model(trained, prepared, prepared.ends, prepared.ends, progress=False, log=quiet)
 
 
-def test_auto_ensemble_size_fills_an_epoch_and_is_bounded():
-    assert fitting.auto_ensemble_size(3_000, 100_000) == 5  # a two-day store: the cap
-    assert fitting.auto_ensemble_size(25_000, 100_000) == 4
-    assert fitting.auto_ensemble_size(60_000, 100_000) == 3, "never fewer than three"
-    assert fitting.auto_ensemble_size(2_000_000, 100_000) == 3
-    assert fitting.auto_ensemble_size(10, 0) == 3, "--samples-per-epoch 0 (all windows): the fewest"
-
-
-def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_kept(tiny_store, tmp_path):
+def test_an_ensemble_trains_and_round_trips_and_a_single_network_is_kept(tiny_store, tmp_path):
     tiny_table = store.load_feature_store(tiny_store, store.load_feature_store(tiny_store).feature_columns)
     many = dataclasses.replace(TINY_TRAINING_CONFIG, samples_per_epoch=10**7)
-    fit = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=0), many)
+    fit = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=3), many)
     model = fit.forecaster.model
-    assert isinstance(model, Ensemble) and len(model.members) == config.MAX_AUTO_ENSEMBLE
-    assert fit.forecaster.model_config.ensemble_size == config.MAX_AUTO_ENSEMBLE, "the resolved size is what the checkpoint records"
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    assert fit.forecaster.model_config.ensemble_size == 3
     weights = [member.rnn.weight_ih_l0 for member in model.members]
     assert not torch.equal(weights[0], weights[1]), "the networks start from different weights"
     single = fit_tiny(tiny_table, dataclasses.replace(TINY_MODEL, ensemble_size=1), many)
@@ -83,7 +75,7 @@ def test_a_small_store_trains_an_ensemble_that_round_trips_and_a_fixed_size_is_k
 
     checkpoint, scaler = save_and_load(fit.forecaster, tmp_path)
     restored = Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
-    assert isinstance(restored.model, Ensemble) and len(restored.model.members) == config.MAX_AUTO_ENSEMBLE
+    assert isinstance(restored.model, Ensemble) and len(restored.model.members) == 3
     ends = fit.ends["test"]
     mine, theirs = restored.predict(restored.prepare(tiny_table), ends), fit.forecaster.predict(fit.prepared, ends)
     np.testing.assert_array_equal(mine.ms, theirs.ms)
@@ -167,3 +159,15 @@ def test_sequence_training_round_trips_and_needs_a_history_that_does_not_depend_
     mine, theirs = restored.predict(restored.prepare(tiny_fit.table), ends), fit.forecaster.predict(fit.prepared, ends)
     np.testing.assert_array_equal(mine.ms, theirs.ms)
     assert np.isfinite(mine.ms).all()
+
+
+def test_early_stopping_reads_a_spaced_subset_of_large_validation_splits():
+    small = np.arange(100, 200)
+    assert fitting.early_stopping_ends(small, limit=100) is small
+    # three services of 1,000 validation windows each, rows ordered by service then minute
+    ends = np.concatenate([np.arange(1000) + 5000 * code for code in range(3)])
+    chosen = fitting.early_stopping_ends(ends, limit=300)
+    assert len(chosen) == 300 and np.all(np.diff(chosen) > 0) and set(chosen) <= set(ends)
+    for code in range(3):  # every service, from the start of its span to its end
+        own = chosen[(chosen >= 5000 * code) & (chosen < 5000 * code + 1000)] - 5000 * code
+        assert 95 <= len(own) <= 105 and own.min() < 20 and own.max() > 980

@@ -49,7 +49,7 @@ def test_writes_every_contract_artifact(trained_dir):
     report = _report(trained_dir)
     for section in (report["validation"], report["test"], *report["baseline"]["persistence"].values()):
         assert tuple(section) == metrics.METRIC_KEYS
-    assert set(report["baseline"]) == {"persistence", "gradient_boosting"}
+    assert set(report["baseline"]) == {"persistence", "window_median", "gradient_boosting"}
     for name in report["baseline"]:
         assert report["test"]["n_samples"] == report["baseline"][name]["test"]["n_samples"] == report["data"]["samples"]["test"] > 0
     assert set(report["per_service"]["test"]) <= set(report["data"]["services"])
@@ -259,4 +259,4 @@ def test_shap_samples_0_skips_the_explanation(tiny_store, tmp_path):
     assert not any(name.startswith("feature_importance") for name in os.listdir(tmp_path))
     checkpoint = torch.load(tmp_path / "latency_forecaster.pt", weights_only=True)
     assert checkpoint["explain_background"]["windows"].shape[1:] == (6, len(checkpoint["feature_columns"]))
-    assert set(_report(tmp_path)["baseline"]) == {"persistence"}, "--baselines persistence: no gradient boosting"
+    assert set(_report(tmp_path)["baseline"]) == {"persistence", "window_median"}, "--baselines persistence: no gradient boosting"
