@@ -107,7 +107,6 @@ class DataConfig:
         return self.embargo_minutes or self.window_minutes
 
 
-
 @dataclass
 class ModelConfig:
     """The recurrent forecaster."""

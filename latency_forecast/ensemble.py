@@ -6,7 +6,7 @@ persistence. No member wins everywhere: the networks read spikes coming, trees o
 level that moved after training, persistence is right on a plateau.
 
 The window median (a reported baseline) is not a member. It wins where a p99 jumps from minute to
-minute around its level (TrainTicket: skill +0.09 to +0.25 over gradient boosting as a member), but
+minute around its level (TrainTicket: skill +0.09 to +0.26 over gradient boosting as a member), but
 it lags every ramp into a fault: weighed 0.35 on one development store's validation, it cost 0.12
 of skill on the other store's faults (docs/results.md).
 

@@ -43,10 +43,11 @@ CAUSE_MODEL_MIN_PATIENCE = 8
 # TrainTicket's top two and their shares the same (64 or 256), its training 3 s against 7 s.
 CAUSE_MODEL_MIN_BATCH_SIZE = config.AUTO_BATCH_SIZES[-1]
 # The per-epoch validation loss (early stopping, the learning-rate schedule, the best epoch) reads
-# at most this many validation windows, evenly spaced over services and time. Over all 58,590 of
-# the demo store it cost 3.2 s of a 15 s epoch; neighbouring minutes are near-duplicates, so a
-# spaced subset ranks epochs as well. Every protocol store has fewer (the largest 10,368), so
-# none is subsampled. Ensemble weights and the alert rule still read every validation window.
+# at most this many validation windows, evenly spaced over services and time: --samples-per-epoch
+# bounds a training epoch whatever the store's size, and this bounds its validation pass the same
+# way (all 58,590 of the demo store's took about 3.2 s of a 15 s epoch; neighbouring minutes are
+# near-duplicates). Every protocol store has fewer (the largest 10,368), so none of them is
+# subsampled. Ensemble weights and the alert rule still read every validation window.
 MAX_EARLY_STOPPING_WINDOWS = 16_384
 
 

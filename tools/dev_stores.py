@@ -13,8 +13,7 @@ The generated stores are written once into --workdir and reused.
 Per split and seed it prints the shipped forecast's MAE skill (1 - MAE ratio, same samples) over
 gradient boosting and persistence, the recurrent networks' own skill, the ensemble weights, the
 0.9-quantile coverage and the worst service (shipped MAE over the better of persistence's and
-gradient boosting's on it); then
-the median and the worst split. --save writes them as JSON; --compare reads such a file and gives
+gradient boosting's on it); then the median and the worst split. --save writes them as JSON; --compare reads such a file and gives
 the verdict: a setting may replace the other only if the median skill improves and no split's
 skill falls by more than 0.02.
 
