@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import Result, command, ensure_store, load_average, machine, parse_arguments, run_benchmark
+from bench.common import Result, chosen_contenders, command, ensure_store, load_average, machine, parse_arguments, run_benchmark
 from latency_forecast import data, fitting, training
 from latency_forecast import store as store_io  # `store` names store paths here
 from latency_forecast.config import AUTO_BATCH_SIZES, DataConfig, ModelConfig, TrainingConfig
@@ -336,9 +336,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help="comma-separated, among %(default)s (default: all; without a Darts one, no ratio)")
     args = parse_arguments(parser, argv, SMOKE)
-    names = args.contenders.split(",")
-    if not names or set(names) - set(CONTENDERS) or len(set(names)) != len(names):
-        parser.error(f"--contenders takes some of {', '.join(CONTENDERS)}, got {args.contenders!r}")
+    names = chosen_contenders(parser, args.contenders, CONTENDERS)
     if args.time_limit <= 0 or args.steps_per_epoch < 1 or args.batch_size < 1 or args.sequence_targets < 2 or args.validation_windows < 1:
         parser.error("--time-limit, --steps-per-epoch, --batch-size and --validation-windows must be positive, --sequence-targets at least 2")
     training.configure_threads(args.threads)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import Result, command, ensure_store, load_average, machine, median, parse_arguments, run_benchmark
+from bench.common import Result, chosen_contenders, command, ensure_store, load_average, machine, median, parse_arguments, run_benchmark
 from latency_forecast import data, fitting, training
 from latency_forecast import store as store_io  # `store` names store paths here
 from latency_forecast.config import AUTO_BATCH_SIZES, DataConfig, ModelConfig, TrainingConfig
@@ -132,9 +132,7 @@ def measure(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help="comma-separated, among ours and darts (default: %(default)s; ours alone gives no ratio)")
     args = parse_arguments(parser, argv, SMOKE)
-    names = args.contenders.split(",")
-    if not names or set(names) - set(CONTENDERS) or len(set(names)) != len(names):
-        parser.error(f"--contenders takes ours and/or darts, got {args.contenders!r}")
+    names = chosen_contenders(parser, args.contenders, CONTENDERS)
     training.configure_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"machine: {machine(('numpy', 'darts', 'pytorch-lightning'))}")

@@ -71,6 +71,15 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     return args
 
 
+def chosen_contenders(parser: argparse.ArgumentParser, text: str, contenders: Sequence[str]) -> list[str]:
+    """``--contenders``' comma-separated names, each one of ``contenders`` and none twice (else
+    the parser's usage error)."""
+    names = text.split(",")
+    if not names or set(names) - set(contenders) or len(set(names)) != len(names):
+        parser.error(f"--contenders takes some of {', '.join(contenders)}, got {text!r}")
+    return names
+
+
 def ensure_store(path: str, services: int, days: int, seed: int = 0) -> str:
     """The demo generator's store of ``services`` x ``days`` at ``path`` (with its chaos manifest),
     written unless it is there already."""

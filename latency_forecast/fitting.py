@@ -290,11 +290,12 @@ def fit_cause_model(
     torch.manual_seed(training_config.seed)
     model = build_cause_model(forecaster.feature_columns, len(forecaster.services), forecaster.model_config, forecaster.target_normalizer)
     model.to(forecaster.device)
+    steps = training_config.targets_per_sequence
+    min_batch = CAUSE_MODEL_MIN_BATCH_SIZE if steps == 1 else sequences_per_batch(CAUSE_MODEL_MIN_BATCH_SIZE, steps)
     settings = dataclasses.replace(
         training_config,
         patience=max(training_config.patience, CAUSE_MODEL_MIN_PATIENCE),
-        batch_size=max(training_config.batch_size, sequences_per_batch(CAUSE_MODEL_MIN_BATCH_SIZE, training_config.targets_per_sequence)
-                       if training_config.targets_per_sequence > 1 else CAUSE_MODEL_MIN_BATCH_SIZE),
+        batch_size=max(training_config.batch_size, min_batch),
     )
     history = training.fit(model, prepared.tensors, train_ends, stop_ends, settings, progress, log, resume)
     return model, history
