@@ -228,6 +228,11 @@ def fit_networks(
             "--targets-per-sequence above 1 forecasts from every step of a sequence, but --latency-history relative reads "
             "the latency relative to one step; use --latency-history difference (or level)"
         )
+    if settings.model.anchor_minutes > settings.data.sequence_length:
+        raise UserError(
+            f"--anchor-minutes {settings.model.anchor_minutes} is longer than the window (--sequence-length "
+            f"{settings.data.sequence_length}); use at most {settings.data.sequence_length}"
+        )
     forecaster = untrained_forecaster(table, fit_range, settings)
     prepared = forecaster.prepare(table, inplace=inplace)
     if len(prepared.ends) == 0:

@@ -178,6 +178,7 @@ class Forecaster:
             horizon=H,
             breach=breach,
             spike=spike,
+            anchor_minutes=self.model_config.anchor_minutes,
         )
         unknown = [name for name, code in zip(table.services, code_map) if code < 0]
         return PreparedSeries(table, tensors, ends, counts, unknown, service_thresholds)

@@ -76,7 +76,7 @@ class LatencyForecaster(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(head_inputs, config.hidden_size),
             nn.ReLU(),
-            nn.Linear(config.hidden_size, 2 + len(config.quantile_levels) + int(config.multitask)),
+            nn.Linear(config.hidden_size, 2 + len(config.quantile_levels) + int(config.multitask) + int(config.anchor_minutes > 1)),
         )
         self.multitask = config.multitask
         self.n_quantiles = len(config.quantile_levels)
@@ -86,6 +86,7 @@ class LatencyForecaster(nn.Module):
             raise ValueError("only an anchored model reads its latency relative to t: the anchor carries the level")
         self.relative_column = relative_column
         self.differenced = differenced
+        self.anchor_minutes = config.anchor_minutes
         with torch.no_grad():  # the absolute part starts small: e^(pooled - 4 sd)
             self.head[-1].bias[1] = -4.0
         # target statistics (from training rows), so the head can mix the two parts
@@ -146,7 +147,9 @@ class LatencyForecaster(nn.Module):
             # after training is forecast from where it is now (the anchor), not pulled back to
             # where it was (scaled log latency, so this is the log ratio to the latency at t)
             level = torch.zeros_like(windows[:, -1:])
-            level[..., self.relative_column] = windows[:, -1, self.relative_column, None]
+            # the anchor's minute: the same (lower) median the caller's ``current`` took, in feature space
+            recent = windows[:, -self.anchor_minutes :, self.relative_column]
+            level[..., self.relative_column] = recent.median(dim=1, keepdim=True).values
             windows = windows - level
         output, _ = self.rnn(windows)
         last = output[:, -steps:] if steps else output[:, -1]  # (batch, [steps,] hidden)
@@ -157,7 +160,16 @@ class LatencyForecaster(nn.Module):
         if steps:
             location, scale = location[:, None], scale[:, None]
         heads = self.head(last)
-        change = heads[..., 0] + current if self.anchored else heads[..., 0]
+        if not self.anchored:
+            change = heads[..., 0]
+        elif self.anchor_minutes > 1:
+            # a learned mix of the latency at t and the recent median: persistence where the latency
+            # ramps (a fault building up), the median where it jumps around a level (a p99 that
+            # hops between histogram buckets from minute to minute)
+            gate = torch.sigmoid(heads[..., -1])
+            change = heads[..., 0] + gate * current[..., 0] + (1 - gate) * current[..., 1]
+        else:
+            change = heads[..., 0] + current
         relative = location + scale * change
         absolute = self.pooled[0] + self.pooled[1] * heads[..., 1]
         forecast = (torch.logaddexp(relative, absolute) - location) / scale
@@ -168,7 +180,7 @@ class LatencyForecaster(nn.Module):
             quantiles = forecast[..., None] + torch.cumsum(increments, dim=-1)
         if not full:
             return forecast
-        return Outputs(forecast, quantiles, heads[..., -1] if self.multitask else None)
+        return Outputs(forecast, quantiles, heads[..., 2 + self.n_quantiles] if self.multitask else None)
 
 
 class Ensemble(nn.Module):

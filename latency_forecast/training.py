@@ -64,6 +64,7 @@ class SeriesTensors:
     horizon: int
     breach: torch.Tensor | None = None  # (n_rows,) float32 1/0: latency at or above its threshold
     spike: torch.Tensor | None = None  # (n_rows,) bool: a spike of its service's own (else target > SPIKE_Z)
+    anchor_minutes: int = 1  # an anchored model starts from the median latency of the window's last this many minutes
 
     def windows(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows (batch, sequence_length, n_features) and service codes for these ends; no
@@ -86,8 +87,14 @@ class SeriesTensors:
         return windows, services, self.target[ends + self.horizon]
 
     def current(self, ends: torch.Tensor) -> torch.Tensor:
-        """The standardised latency at t of each sample (what an anchored model starts from)."""
-        return self.target[ends]
+        """What an anchored model starts from: the standardised latency at t of each sample, or with
+        ``anchor_minutes`` above 1, that latency and the (lower) median of the last ``anchor_minutes``
+        minutes, missing ones skipped, stacked on a last axis of 2."""
+        if self.anchor_minutes == 1:
+            return self.target[ends]
+        offsets = torch.arange(1 - self.anchor_minutes, 1, device=ends.device)
+        median = self.target[ends[..., None] + offsets].nanmedian(dim=-1).values
+        return torch.stack([self.target[ends], median], dim=-1)
 
     def breach_labels(self, ends: torch.Tensor) -> torch.Tensor:
         """Whether the target minute t+H of each sample breached (multitask label)."""
@@ -141,6 +148,8 @@ def _loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tens
         target = target.expand_as(prediction)
         if config.loss == "huber":
             per_sample = F.huber_loss(prediction, target, delta=config.huber_delta, reduction="none")
+        elif config.loss == "absolute":
+            per_sample = (prediction - target).abs()
         else:
             per_sample = F.mse_loss(prediction, target, reduction="none")
         weight = 1.0 + config.spike_weight * spike

@@ -162,6 +162,7 @@ TRAIN_CASES = [
         ("cannot read", BAD_PART, "of the feature store", "rewrite or remove that file"),
         id="scribbled-partition",
     ),
+    pytest.param(lambda w: ["--anchor-minutes", "99"], ("--anchor-minutes 99 is longer than the window", "use at most"), id="anchor-past-window"),
 ]
 
 

@@ -171,3 +171,18 @@ def test_early_stopping_reads_a_spaced_subset_of_large_validation_splits():
     for code in range(3):  # every service, from the start of its span to its end
         own = chosen[(chosen >= 5000 * code) & (chosen < 5000 * code + 1000)] - 5000 * code
         assert 95 <= len(own) <= 105 and own.min() < 20 and own.max() > 980
+
+
+@pytest.mark.parametrize("history, steps", [("relative", 1), ("difference", 4)])
+def test_a_median_anchored_forecaster_trains_and_round_trips(tiny_fit, tmp_path, history, steps):
+    model_config = dataclasses.replace(TINY_MODEL, anchor_minutes=3, latency_history=history)
+    fit = fit_tiny(tiny_fit.table, model_config, dataclasses.replace(TINY_TRAINING_CONFIG, targets_per_sequence=steps))
+    checkpoint, scaler = save_and_load(fit.forecaster, tmp_path)
+    restored = Forecaster.from_checkpoint(checkpoint, scaler, torch.device("cpu"))
+    assert restored.model_config.anchor_minutes == 3 and restored.prepare(tiny_fit.table).tensors.anchor_minutes == 3
+    ends = fit.ends["test"]
+    mine, theirs = restored.predict(restored.prepare(tiny_fit.table), ends), fit.forecaster.predict(fit.prepared, ends)
+    np.testing.assert_array_equal(mine.ms, theirs.ms)
+    assert np.isfinite(mine.ms).all()
+    with pytest.raises(UserError, match="--anchor-minutes 9 is longer than the window"):
+        fit_tiny(tiny_fit.table, dataclasses.replace(TINY_MODEL, anchor_minutes=9))

@@ -119,3 +119,25 @@ def test_a_relative_latency_history_reads_the_shape_of_the_history_not_its_level
     assert not torch.allclose(model(other, services, current), model(windows, services, current))
     with pytest.raises(ValueError, match="only an anchored model"):
         LatencyForecaster(3, 2, ModelConfig(hidden_size=8), relative_column=1)
+
+
+def test_a_median_anchored_history_is_read_relative_to_the_median_minute():
+    """The relative history is zero at the minute whose latency the median anchor took, so a
+    one-minute spike at t moves neither that reference nor the rest of the history's reading."""
+    torch.manual_seed(0)
+    model = LatencyForecaster(2, 1, ModelConfig(hidden_size=8, anchor_minutes=3), anchored=True, relative_column=1).eval()
+    seen = []
+    model.rnn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    windows = torch.tensor([[[0.0, 5.0], [0.0, 1.0], [0.0, 2.0], [0.0, 9.0]]])  # the last 3 minutes: 1, 2, 9 -> 2
+    model(windows, torch.tensor([0]), torch.tensor([[9.0, 2.0]]))
+    torch.testing.assert_close(seen[0][0, :, 1], torch.tensor([3.0, -1.0, 0.0, 7.0]))
+
+
+@pytest.mark.parametrize("gate, expected", [(30.0, 1.5), (-30.0, -0.5), (0.0, 0.5)])
+def test_a_median_anchored_model_starts_from_its_gated_mix_of_the_latency_at_t_and_the_median(gate, expected):
+    """current = (latency at t, recent median) = (1.5, -0.5): the gate (the head's last output)
+    picks the latency at t, the median, or their mean; the change output adds to that."""
+    config = ModelConfig(hidden_size=4, anchor_minutes=3, quantiles="none", service_embedding_dim=0)
+    model = _set_head(LatencyForecaster(2, 1, config, anchored=True), [0.0, -1e4, gate])
+    forecast = model(torch.zeros(1, 4, 2), torch.tensor([0]), torch.tensor([[1.5, -0.5]]))
+    torch.testing.assert_close(forecast, torch.tensor([expected]))

@@ -225,3 +225,15 @@ def test_the_validation_loss_over_sequences_weighs_every_sample_once():
     first, counts = training.training_sequences(ends, 4)
     whole = training._mean_loss(model, series, torch.as_tensor(first), loss, config, levels, torch.as_tensor(counts))
     assert whole == pytest.approx(training._mean_loss(model, series, torch.as_tensor(ends), loss, config, levels), rel=0.05)
+
+
+def test_a_median_anchor_reads_the_last_minutes_up_to_t_and_skips_missing_ones():
+    target = torch.tensor([1.0, 9.0, 2.0, 3.0, float("nan"), 7.0, 100.0, 100.0])
+    series = training.SeriesTensors(torch.zeros(8, 1), target, torch.zeros(8, dtype=torch.int64), 5, 2, anchor_minutes=3)
+    # (latency at t, median of the last 3 minutes): rows 1..3 hold 9, 2, 3 -> 3; rows 3..5 hold
+    # 3, NaN, 7 -> the lower median of 3 and 7; nothing after t is read
+    np.testing.assert_array_equal(series.current(torch.tensor([3, 5])).numpy(), [[3.0, 3.0], [7.0, 3.0]])
+    # sequence training asks for (batch, steps) anchors
+    assert series.current(torch.tensor([[3, 5], [4, 5]])).shape == (2, 2, 2)
+    at_t = training.SeriesTensors(torch.zeros(8, 1), target, torch.zeros(8, dtype=torch.int64), 5, 2)
+    np.testing.assert_array_equal(at_t.current(torch.tensor([3, 5])).numpy(), [3.0, 7.0])
