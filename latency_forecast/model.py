@@ -37,7 +37,9 @@ class LatencyForecaster(nn.Module):
     An ``anchored`` model (one that reads the latency's own history) starts the relative part
     from the service's latency at t (``current``, standardised like the target): the network
     forecasts the change, so a plateau is forecast as itself and a fault the model never saw on
-    this service is not extrapolated from a normal level to another service's peak.
+    this service is not extrapolated from a normal level to another service's peak. With
+    ``config.anchor_minutes`` above 1, ``current`` is (latency at t, median of the last minutes)
+    on a last axis, and a gate (the head's last output) mixes the two into the anchor.
 
     Quantile outputs (``config.quantile_levels``) sit on the point forecast: the lowest is the
     forecast plus a learned offset, each next one adds a softplus, so they never cross.

@@ -64,7 +64,7 @@ class SeriesTensors:
     horizon: int
     breach: torch.Tensor | None = None  # (n_rows,) float32 1/0: latency at or above its threshold
     spike: torch.Tensor | None = None  # (n_rows,) bool: a spike of its service's own (else target > SPIKE_Z)
-    anchor_minutes: int = 1  # an anchored model starts from the median latency of the window's last this many minutes
+    anchor_minutes: int = 1  # above 1, an anchored model also reads the median latency of the window's last this many minutes
 
     def windows(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows (batch, sequence_length, n_features) and service codes for these ends; no
